@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Makes (or refreshes) the project's virtual environment at .venv for the x86_64 host:
+# the board package plus the host conversion tools and the test tools.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PY --version)"
+    "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+echo "[setup] torch 2.13.0 (CPU build)"
+"$VPY" -m pip install -q "torch==2.13.0"
+echo "[setup] project (board + host + test extras)"
+"$VPY" -m pip install -q -e ".[host,test]"
+# rknn-toolkit2's metadata pins torch<=2.4; its real needs are in the host extra above.
+if ! "$VPY" -c "import importlib.metadata as m; assert m.version('rknn-toolkit2') == '2.5.0'" 2>/dev/null; then
+    echo "[setup] rknn-toolkit2 2.5.0 (--no-deps)"
+    "$VPY" -m pip install -q --no-deps "rknn-toolkit2==2.5.0"
+fi
+"$VPY" - <<'PY'
+import importlib
+for name in ("numpy", "cv2", "PIL", "tokenizers", "torch", "transformers", "onnxruntime", "rknn.api"):
+    importlib.import_module(name)
+print("[setup] environment ready: board, host and test packages import")
+PY
