@@ -1,0 +1,115 @@
+"""The decoder stage's interface: embeddings in, streamed text out.
+
+Two implementations share it so one pipeline runs everywhere: `decoder_rkllm.RKLLMDecoder` (the
+board: librkllmrt through ctypes, EMBED input) and `decoder_torch.TorchDecoder` (x86 emulation:
+the extracted PyTorch text model fed the identical embeddings). Both receive the *whole* templated
+sequence as float32 embeddings, so image rows and text rows reach the model exactly as the
+reference builds them.
+
+Conversation state, the same for both: with ``keep_history=True`` every embedding fed and every
+token generated (the end-of-turn token included) stays in the model's cache, and the next call
+feeds only the new rows. With ``keep_history=False`` the cache is cleared before the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to generate and how; greedy by default so answers are reproducible."""
+
+    max_new_tokens: int = 512
+    top_k: int = 1
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repeat_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0.0
+
+
+@dataclass
+class DecodeStats:
+    """Timings of one generate() call, as the runtime reports them (librkllmrt's perf struct)."""
+
+    prefill_tokens: int = 0
+    prefill_ms: float = 0.0
+    generate_tokens: int = 0
+    generate_ms: float = 0.0
+    memory_mb: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return 1000.0 * self.prefill_tokens / self.prefill_ms if self.prefill_ms > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return 1000.0 * self.generate_tokens / self.generate_ms if self.generate_ms > 0 else 0.0
+
+
+@dataclass
+class GenerationStep:
+    """One streamed piece: text that is complete UTF-8, and the token that produced it.
+
+    The last step of a call has ``finish_reason`` set ('stop': end-of-turn token, 'length':
+    max_new_tokens reached, 'abort': interrupted) and carries the call's ``stats``.
+    """
+
+    text: str = ""
+    token_id: Optional[int] = None
+    finish_reason: Optional[str] = None
+    stats: Optional[DecodeStats] = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished call, collected from its steps."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+    @classmethod
+    def collect(cls, steps: Iterator[GenerationStep]) -> "GenerationResult":
+        text, ids, finish, stats = [], [], "stop", DecodeStats()
+        for step in steps:
+            text.append(step.text)
+            if step.token_id is not None:
+                ids.append(step.token_id)
+            if step.finish_reason is not None:
+                finish = step.finish_reason
+                stats = step.stats or stats
+        return cls("".join(text), ids, finish, stats)
+
+
+class Decoder(Protocol):
+    """A language model that continues a sequence given as embeddings."""
+
+    hidden_size: int
+    max_context: int
+
+    def generate(
+        self, embeddings: np.ndarray, *, sampling: SamplingParams = SamplingParams(), keep_history: bool = False
+    ) -> Iterator[GenerationStep]:
+        """Feed `embeddings` ([n_tokens, hidden] float32) and stream the continuation."""
+        ...
+
+    def abort(self) -> None:
+        """Stop a running generate() from another thread; the iterator ends with finish_reason 'abort'."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the conversation (clear the cache)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model; safe to call twice."""
+        ...
