@@ -1,0 +1,216 @@
+"""Stage 1: image bytes -> upright RGB uint8 pixels, exactly as the reference would see them.
+
+What "the reference" means here: transformers' `load_image` applies the EXIF orientation
+(`ImageOps.exif_transpose`) and the SmolVLM/Idefics3 processor's `convert_to_rgb` composites any
+transparency onto white. So the oracle pipeline is `PIL.Image.open -> exif_transpose -> processor`,
+and this module reproduces it:
+
+- Orientation: the EXIF Orientation tag (or the XMP tiff:Orientation Pillow falls back to) is
+  applied, so phone photos come out upright.
+- Transparency (RGBA, LA, palette or RGB with a tRNS colour): composited onto white.
+- 16-bit samples keep their high byte. Deliberate deviation: Pillow clips 16-bit *grayscale*
+  ("I;16") to 255 when converting to RGB, which turns almost every such image white; we scale it
+  like Pillow scales 16-bit colour. Tests pin both behaviours.
+
+Decoding is OpenCV's (libjpeg-turbo, libpng, libwebp; bit-identical to Pillow on JPEG); Pillow
+only reads the header (size, mode, orientation) before any pixel is decoded, so an oversized file
+is refused without allocating it, and decodes the few formats OpenCV does not (GIF, CMYK JPEG...).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+
+ImageSource = Union[str, Path, bytes, bytearray, memoryview]
+
+# 120 megapixels: a 108 MP phone photo fits; beyond this the decoded RGB alone exceeds ~360 MB,
+# which a 4-8 GB board should not spend on one request. Override with max_pixels=.
+DEFAULT_MAX_PIXELS = 120_000_000
+# Compressed size bound, checked before anything is parsed.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+_ORIENTATION_TAG = 0x0112
+# Pillow modes whose pixels OpenCV decodes to the same values Pillow would (checked by the tests);
+# anything else (CMYK, YCbCr, 32-bit int/float, bilevel TIFF...) is decoded by Pillow itself.
+_OPENCV_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I;16B", "I;16L", "1"}
+_OPENCV_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, read before decoding."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int
+
+
+def read_bytes(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Bytes of an image given as a path, raw bytes or a `data:` URI (as OpenAI image_url sends)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, str) and source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if ";base64" not in header:
+            raise ImageError("only base64 data: URIs are supported (data:image/png;base64,...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageError(f"the data: URI is not valid base64: {exc}") from exc
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageError(f"image file not found: {path}") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read image file {path}: {exc.strerror}") from exc
+        if path.is_dir():
+            raise ImageError(f"{path} is a folder, not an image file")
+        if size > max_bytes:
+            raise ImageError(f"{path} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot read image file {path}: {exc.strerror}") from exc
+    else:
+        raise ImageError(f"cannot read an image from a {type(source).__name__}")
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError(f"the image is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+    return data
+
+
+def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read the header only and refuse what must not be decoded (unknown format, 0 or too many pixels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError(f"the image has more than {Image.MAX_IMAGE_PIXELS * 2:,} pixels; refusing to decode it") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image, or a format that cannot be read (JPEG, PNG, WebP, BMP, GIF, TIFF work)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image header is corrupt: {exc}") from exc
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"the image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is {max_pixels / 1e6:.0f} MP",
+            hint="downscale it first, or raise the limit (max_pixels / --max-image-pixels)",
+        )
+    # Image.getexif of the base class reads only what the header parse found (EXIF chunk or XMP);
+    # PngImageFile's override would decode the whole image to look past the pixel data.
+    orientation = Image.Image.getexif(im).get(_ORIENTATION_TAG, 1)
+    return ImageInfo(im.format or "", im.mode, width, height, orientation if orientation in range(1, 9) else 1)
+
+
+def load_image(
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
+    """Decode an image to an upright HxWx3 uint8 RGB array, as the reference pipeline sees it."""
+    data = read_bytes(source, max_bytes=max_bytes)
+    info = probe(data, max_pixels=max_pixels)
+    if info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES:
+        rgb = _decode_opencv(data)
+    else:
+        rgb = None
+    if rgb is None:
+        rgb = _decode_pillow(data)
+    return _apply_orientation(rgb, info.orientation)
+
+
+def _decode_opencv(data: bytes) -> np.ndarray | None:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # no EXIF rotation
+    if pixels is None:
+        return None
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    elif pixels.dtype != np.uint8:
+        return None
+    if pixels.ndim == 2:
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    channels = pixels.shape[2]
+    if channels == 3:
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return composite_on_white(cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA))
+    if channels == 1:
+        return cv2.cvtColor(pixels[:, :, 0], cv2.COLOR_GRAY2RGB)
+    return None
+
+
+def _decode_pillow(data: bytes) -> np.ndarray:
+    """Pillow's decode for what OpenCV cannot read, converted the way the reference processor does."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            im.load()
+    except Exception as exc:  # truncated or corrupt data surfaces here, with many exception types
+        raise ImageError(f"the image data is corrupt or truncated: {exc}") from exc
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow clips these to 255 on convert("RGB"); keep the high byte instead (see module doc).
+        wide = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
+        shift = 24 if im.mode == "I" and wide.max(initial=0) > 0xFFFF else 8
+        return cv2.cvtColor((wide >> shift).astype(np.uint8), cv2.COLOR_GRAY2RGB)
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        return composite_on_white(np.asarray(im.convert("RGBA")))
+    return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Blend RGBA over an opaque white background (Pillow's alpha_composite, rounded)."""
+    alpha = rgba[:, :, 3:4].astype(np.uint16)
+    rgb = rgba[:, :, :3].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation the way PIL.ImageOps.exif_transpose does."""
+    if orientation == 2:
+        return cv2.flip(rgb, 1)
+    if orientation == 3:
+        return cv2.rotate(rgb, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(rgb, 0)
+    if orientation == 5:
+        return cv2.transpose(rgb)
+    if orientation == 6:
+        return cv2.rotate(rgb, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(rgb), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(rgb, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return rgb
+
+
+def image_from_array(pixels: np.ndarray) -> np.ndarray:
+    """Accept an in-memory HxW / HxWx3 / HxWx4 uint8 array (e.g. a video frame) as RGB(A) input."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or 0 in pixels.shape[:2]:
+        raise ImageError(f"expected a non-empty uint8 HxW(xC) array, got {pixels.dtype} {pixels.shape}")
+    if pixels.ndim == 2:
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    if pixels.shape[2] == 4:
+        return composite_on_white(pixels)
+    if pixels.shape[2] != 3:
+        raise ImageError(f"expected 1, 3 or 4 channels, got {pixels.shape[2]}")
+    return np.ascontiguousarray(pixels)
+
