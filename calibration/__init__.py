@@ -1,0 +1,1 @@
+"""Calibration and hold-out images for the vision encoder, and the builder that cuts them into tiles."""
