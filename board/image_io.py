@@ -103,7 +103,10 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ImageError(f"the image has more than {Image.MAX_IMAGE_PIXELS * 2:,} pixels; refusing to decode it") from None
+        raise ImageError(
+            f"the image has more than {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} MP; refusing to decode it "
+            f"(the limit is {max_pixels / 1e6:.0f} MP)"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError("not an image, or a format that cannot be read (JPEG, PNG, WebP, BMP, GIF, TIFF work)") from None
     except (OSError, SyntaxError, ValueError) as exc:

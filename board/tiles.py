@@ -239,33 +239,31 @@ def _bands(n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _horizontal(image: Image.Image, out_w: int, resample: int) -> Image.Image:
-    """Width-only pass: rows are independent, so bands of rows are resampled in parallel."""
-    in_w, in_h = image.size
-    return _banded(image, (out_w, in_h), _bands(in_h), lambda r0, r1: (0, r0, in_w, r1), resample)
+def _pass(rgb: np.ndarray, out_len: int, axis: int, resample: int) -> np.ndarray:
+    """One separable pass of Pillow's resize along `axis` (1: width, 0: height).
 
+    Rows are independent in a width pass and columns in a height pass, so the image is cut into
+    bands across the other axis and each band is resampled by Pillow in its own thread (Pillow
+    releases the GIL while it resamples); the bands join bit-identically.
+    """
+    in_h, in_w = rgb.shape[:2]
+    out_shape = (in_h, out_len, 3) if axis == 1 else (out_len, in_w, 3)
+    out = np.empty(out_shape, np.uint8)
+    across = in_h if axis == 1 else in_w
 
-def _vertical(image: Image.Image, out_h: int, resample: int) -> Image.Image:
-    """Height-only pass: columns are independent, so bands of columns are resampled in parallel.
-    (Bands of output rows would need Pillow's `box`, which it rounds to float32: not exact.)"""
-    in_w, in_h = image.size
-    return _banded(image, (in_w, out_h), _bands(in_w), lambda c0, c1: (c0, 0, c1, in_h), resample)
+    def band(span: tuple[int, int]) -> None:
+        a, b = span
+        if axis == 1:
+            out[a:b] = np.asarray(Image.fromarray(rgb[a:b]).resize((out_len, b - a), resample))
+        else:
+            part = np.ascontiguousarray(rgb[:, a:b])
+            out[:, a:b] = np.asarray(Image.fromarray(part).resize((b - a, out_len), resample))
 
-
-def _banded(image: Image.Image, size: tuple[int, int], bands, crop_box, resample: int) -> Image.Image:
-    """Resize crops of `image` (one per band) to their share of `size` in threads and paste them."""
-    if len(bands) == 1:
-        return image.resize(size, resample)
-    horizontal = size[1] == image.size[1]
-
-    def render(band: tuple[int, int]) -> Image.Image:
-        part = image.crop(crop_box(*band))
-        width, height = part.size
-        return part.resize((size[0], height) if horizontal else (width, size[1]), resample)
-
-    out = Image.new(image.mode, size)
-    for (start, _), part in zip(bands, _executor().map(render, bands)):
-        out.paste(part, (0, start) if horizontal else (start, 0))
+    spans = _bands(across)
+    if len(spans) == 1:
+        band(spans[0])
+    else:
+        list(_executor().map(band, spans))
     return out
 
 
@@ -273,18 +271,16 @@ def resize(rgb: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     """Pillow's resize of an HxWx3 uint8 array to (h, w): bit-identical, computed in parallel bands.
 
     Pillow resamples in two separable passes with an 8-bit intermediate; running the same two
-    passes as separate calls, in Pillow's order, gives the same bytes as one call.
+    passes one after the other, in Pillow's order, gives the same bytes as one call.
     """
     out_h, out_w = size
     in_h, in_w = rgb.shape[:2]
     if (out_h, out_w) == (in_h, in_w):
         return rgb  # Pillow returns an unchanged copy for a same-size resize
-    image = Image.fromarray(rgb)
     if out_w != in_w and out_h != in_h and _vertical_first(in_w, in_h, out_w, out_h):
-        image = _horizontal(_vertical(image, out_h, resample), out_w, resample)
-    else:
-        if out_w != in_w:
-            image = _horizontal(image, out_w, resample)
-        if out_h != in_h:
-            image = _vertical(image, out_h, resample)
-    return np.asarray(image)
+        return _pass(_pass(rgb, out_h, 0, resample), out_w, 1, resample)
+    if out_w != in_w:
+        rgb = _pass(rgb, out_w, 1, resample)
+    if out_h != in_h:
+        rgb = _pass(rgb, out_h, 0, resample)
+    return rgb

@@ -119,3 +119,12 @@ def prompt_format_from_processor(processor, chat_template: str) -> PromptFormat:
         image_seq_len=int(processor.image_seq_len),
     )
 
+
+
+def tokenizer_json(tokenizer) -> str:
+    """The tokenizer as the board loads it (`tokenizers.Tokenizer.from_str`).
+
+    Taken from the loaded transformers tokenizer rather than copied from the checkpoint, so any
+    special-token handling transformers configures (post-processor, added tokens) travels with it.
+    """
+    return tokenizer.backend_tokenizer.to_str()

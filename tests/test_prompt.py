@@ -1,0 +1,117 @@
+"""Prompt building: the pieces reproduce the template, and every malformed request gets a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from board.errors import InputError, PromptError
+from board.prompt import PromptFormat, build_prompt, count_images, render_chat
+from board.tiles import SplitSettings, plan_tiles
+from host.checkpoint import load_checkpoint
+from host.prompt_format import derive_prompt_format, prompt_format_from_processor, tokenizer_json
+from host.tiny_model import SMOLVLM_CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    ck = load_checkpoint(tiny_checkpoint("256m"))
+    processor = ck.load_processor()
+    fmt = prompt_format_from_processor(processor, ck.chat_template)
+    tok = Tokenizer.from_str(tokenizer_json(processor.tokenizer))
+    plan = plan_tiles(300, 400, SplitSettings.from_preprocessor(ck.preprocessor))
+    return fmt, tok, processor.image_token_id, plan
+
+
+def user(*items):
+    return [{"role": "user", "content": list(items)}]
+
+
+IMG = {"type": "image"}
+
+
+def txt(t):
+    return {"type": "text", "text": t}
+
+
+def test_format_round_trips_through_json(parts):
+    import json
+
+    fmt = parts[0]
+    assert PromptFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+    assert fmt.roles["user"] == ("User: ", "User:")  # read off the template, not typed in code
+
+
+def test_more_images_than_placeholders(parts):
+    fmt, tok, image_id, plan = parts
+    with pytest.raises(PromptError, match="1 image placeholder.*2 image"):
+        build_prompt(user(IMG, txt("hi")), [plan, plan], fmt, tok, image_id)
+
+
+def test_more_placeholders_than_images(parts):
+    fmt, tok, image_id, plan = parts
+    with pytest.raises(PromptError, match="2 image placeholder.*1 image"):
+        build_prompt(user(IMG, IMG, txt("hi")), [plan], fmt, tok, image_id)
+
+
+def test_reserved_marker_in_text(parts):
+    fmt, tok, image_id, plan = parts
+    with pytest.raises(PromptError, match="reserved image marker"):
+        build_prompt(user(txt("look: <image>")), [], fmt, tok, image_id)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "robot", "content": "hi"}], "unknown role"),
+        ([{"role": "user", "content": []}], "non-empty"),
+        ([{"role": "user", "content": [{"text": "no type"}]}], "'type'"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "unsupported content type"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "'text' string"),
+    ],
+)
+def test_malformed_messages(parts, messages, message):
+    fmt, tok, image_id, _ = parts
+    with pytest.raises(PromptError, match=message):
+        build_prompt(messages, [], fmt, tok, image_id)
+
+
+def test_prompt_longer_than_context(parts):
+    fmt, tok, image_id, plan = parts
+    prompt = build_prompt(user(IMG, txt("hi")), [plan], fmt, tok, image_id)
+    with pytest.raises(PromptError, match=f"{len(prompt)} tokens.*holds 100"):
+        build_prompt(user(IMG, txt("hi")), [plan], fmt, tok, image_id, max_tokens=100)
+
+
+def test_image_positions_are_the_image_tokens(parts):
+    fmt, tok, image_id, plan = parts
+    prompt = build_prompt(user(IMG, txt("a"), IMG), [plan, plan], fmt, tok, image_id)
+    assert prompt.tiles_per_image == [plan.n_tiles, plan.n_tiles]
+    assert (prompt.input_ids[prompt.image_positions] == image_id).all()
+    assert np.count_nonzero(prompt.input_ids == image_id) == 2 * plan.n_tiles * fmt.image_seq_len
+
+
+def test_continuation_leaves_out_the_opening(parts):
+    fmt = parts[0]
+    full = render_chat(user(txt("hi")), fmt)
+    cont = render_chat(user(txt("hi")), fmt, continuation=True)
+    assert full == fmt.bos + cont
+
+
+def test_count_images_accepts_openai_items():
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, txt("q"), IMG]}]
+    assert count_images(messages) == 2
+
+
+def test_unsupported_template_is_refused():
+    chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    with pytest.raises(InputError):
+        derive_prompt_format(chatml, image_token="<image>", fake_image_token="<f>", global_image_token="<g>",
+                             image_seq_len=4)
+
+
+def test_derivation_from_the_real_template():
+    fmt = derive_prompt_format(SMOLVLM_CHAT_TEMPLATE, image_token="<image>", fake_image_token="<f>",
+                               global_image_token="<g>", image_seq_len=64)
+    assert (fmt.bos, fmt.generation_prompt, fmt.end_of_turn) == ("<|im_start|>", "Assistant:", "<end_of_utterance>\n")
