@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -229,3 +230,13 @@ def test_imports_without_any_librkllmrt():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+
+
+@pytest.mark.rk3588
+@pytest.mark.skipif(platform.machine() != "aarch64", reason="needs an RK3588 board with librkllmrt 1.3.0 installed")
+def test_installed_runtime_passes_the_version_checks():
+    """On the board: confirms the premise of the layout probe (1.3.0's default extend_param.n_batch is 1)."""
+    lib = rkllm_h.load_library()
+    param = lib.rkllm_createDefaultParam()
+    assert param.extend_param.n_batch == 1
+    assert param.max_context_len > 0 and param.top_k >= 0 and 0.0 < param.top_p <= 1.0
