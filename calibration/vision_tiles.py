@@ -64,16 +64,23 @@ def pick_order(n_tiles: int) -> list[int]:
     return order + [i for i in grid if i not in order]
 
 
-def cut_tiles(images: Sequence[Path], settings: SplitSettings, per_image: int | None = None) -> np.ndarray:
-    """uint8 NHWC tiles [n, T, T, 3] of the images as the board splits them; `per_image` caps each image."""
-    tiles = []
+def cut_tiles(
+    images: Sequence[Path], settings: SplitSettings, per_image: int | None = None, limit: int | None = None
+) -> np.ndarray:
+    """uint8 NHWC tiles [n, T, T, 3] of the images as the board splits them.
+
+    At most `per_image` tiles per image (global view first, then spread over the grid), interleaved
+    across images (every image's first tile, then every image's second...) and cut at `limit`, so a
+    small limit still covers many images.
+    """
+    picked: list[list[np.ndarray]] = []
     for path in images:
         tiled = split_image(load_image(path), settings)
-        order = pick_order(len(tiled.tiles))
-        tiles += [tiled.tiles[i] for i in order[:per_image]]
+        picked.append([tiled.tiles[i] for i in pick_order(len(tiled.tiles))[:per_image]])
+    tiles = [group[k] for k in range(max(map(len, picked), default=0)) for group in picked if k < len(group)]
     if not tiles:
         raise ValueError("no tiles: no images given")
-    return np.stack(tiles)
+    return np.stack(tiles[:limit])
 
 
 def write_dataset(tiles: np.ndarray, to_array: Callable[[np.ndarray], np.ndarray], out_dir: str | Path) -> Path:

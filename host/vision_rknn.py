@@ -31,8 +31,8 @@ import platform
 import re
 import shutil
 import sys
+import subprocess
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -147,24 +147,30 @@ class Progress:
 
     @contextlib.contextmanager
     def step(self, what: str, log_path: Path) -> Iterator[None]:
-        """Run a toolkit step with its output appended to log_path and a heartbeat on the console."""
+        """Run a toolkit step with its output appended to log_path and a heartbeat on the console.
+
+        The heartbeat is a tiny shell loop, not a thread: the toolkit's native code holds the GIL
+        for minutes at a time.
+        """
         self.say(f"{what} ...")
         t0 = time.monotonic()
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(self.heartbeat_s):
-                self.say(f"  {what}: still running ({time.monotonic() - t0:.0f}s)")
-
         with _redirect_output(log_path, what) as saved_err:
             previous, self.fd = self.fd, saved_err
-            thread = threading.Thread(target=beat, daemon=True)
-            thread.start()
+            beat = None
+            if self.enabled:
+                beat = subprocess.Popen(
+                    ["sh", "-c", 'e=0; while sleep "$H"; do e=$((e + H)); '
+                                 'printf "[vision %6ss]   %s: still running (%ss)\\n" $((B + e)) "$W" $e; done'],
+                    env={"H": str(int(self.heartbeat_s)), "B": str(int(t0 - self.start)), "W": what,
+                         "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    stdout=saved_err, stderr=subprocess.DEVNULL,
+                )
             try:
                 yield
             finally:
-                done.set()
-                thread.join()
+                if beat is not None:
+                    beat.terminate()
+                    beat.wait()
                 self.fd = previous
         self.say(f"{what} done ({time.monotonic() - t0:.1f}s)")
 
@@ -516,7 +522,8 @@ def convert_vision(
     if settings.tile != tower.geometry.tile:
         raise InputError(f"splitting tile {settings.tile} != vision tower tile {tower.geometry.tile}")
 
-    holdout = cut_tiles(holdout_images or default_images("holdout"), settings, per_image=1)[:holdout_tiles]
+    holdout_images = holdout_images or default_images("holdout")
+    holdout = cut_tiles(holdout_images, settings, per_image=-(-holdout_tiles // len(holdout_images)), limit=holdout_tiles)
     progress.say(f"{len(holdout)} held-out tiles; PyTorch reference features ...")
     reference = reference_features(tower, holdout, settings)
     onnx_path = out / f"{name}.onnx"
