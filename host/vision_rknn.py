@@ -30,8 +30,8 @@ import os
 import platform
 import re
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -306,7 +306,7 @@ def _edit_quant_cfg(cfg_path: Path, extra_fp16: Sequence[str]) -> list[str]:
     if unknown:
         raise InputError(
             f"not tensors of this model's quantization config: {', '.join(unknown)}",
-            hint=f"tensor names are the keys under quantize_parameters in a toolkit .quantization.cfg",
+            hint="tensor names are the keys under quantize_parameters in a toolkit .quantization.cfg",
         )
     for name in extra_fp16:
         custom[name] = "float16"
@@ -370,11 +370,13 @@ def build_vision_rknn(
     dataset: str | Path | None = None,
     options: BuildOptions | None = None,
     progress: Progress | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build, export, check accuracy and account cycles; return the report (also written as JSON).
 
     holdout_tiles: uint8 NHWC [n, T, T, 3] tiles never used for calibration; reference: the PyTorch
-    features for them. Raises VisionAccuracyError (after writing the JSON) below the threshold.
+    features for them; provenance: what the tiles were cut from, recorded in the JSON.
+    Raises VisionAccuracyError (after writing the JSON) below the threshold.
     """
     options = options or BuildOptions()
     options.validate()
@@ -391,6 +393,7 @@ def build_vision_rknn(
     report: dict[str, Any] = {
         "model": rknn_path.name, "dtype": options.dtype, "layout": layout.name, "target_platform": options.target_platform,
         "quantization": asdict(quant) if options.dtype == "int8" else None,
+        **(provenance or {}),
     }
     t_build = time.monotonic()
     rknn = None
@@ -398,8 +401,8 @@ def build_vision_rknn(
         try:
             with progress.step("loading the ONNX graph", log):
                 rknn = RKNN(verbose=True)
-                config: dict[str, Any] = dict(target_platform=options.target_platform,
-                                              optimization_level=options.optimization_level)
+                config: dict[str, Any] = {"target_platform": options.target_platform,
+                                          "optimization_level": options.optimization_level}
                 if layout.rknn_normalizes:
                     config["mean_values"], config["std_values"] = rknn_norm_values(settings)
                 if options.dtype == "int8":
@@ -534,15 +537,19 @@ def convert_vision(
     if onnx_check["cosine_min"] < 0.9999:
         raise VisionBuildError(f"the exported ONNX disagrees with PyTorch: {onnx_check}")
 
+    used = holdout_images[:holdout_tiles]  # tiles interleave across images, so a short limit uses the first ones
+    provenance: dict[str, Any] = {"holdout": {"images": [p.name for p in used], "tiles": len(holdout)}}
     with tempfile.TemporaryDirectory(prefix="vision-calib-") as tmp:
         dataset = None
         if options.dtype == "int8":
-            calib = cut_tiles(calibration_images or default_images("calibration"), settings, calibration_per_image)
+            calibration_images = calibration_images or default_images("calibration")
+            calib = cut_tiles(calibration_images, settings, calibration_per_image)
             dataset = write_dataset(calib, tower.layout.calibration_array, tmp)
+            provenance["calibration"] = {"images": [p.name for p in calibration_images], "tiles": len(calib)}
             progress.say(f"{len(calib)} calibration tiles written")
         report = build_vision_rknn(
             onnx_path, out / f"{name}.rknn", layout=tower.layout, settings=settings, holdout_tiles=holdout,
-            reference=reference, dataset=dataset, options=options, progress=progress,
+            reference=reference, dataset=dataset, options=options, progress=progress, provenance=provenance,
         )
     report["onnx_check"] = onnx_check
     report["geometry"] = asdict(tower.geometry)

@@ -29,8 +29,10 @@ from board.tiles import SplitSettings  # noqa: E402
 from host.tiny_model import FAMILIES  # noqa: E402
 from host.vision_rknn import add_build_arguments, convert_vision, options_from_args  # noqa: E402
 
-# Published vision shapes (the checkpoints' config.json): SigLIP-B/16 at 512 for 256M/500M, SigLIP
-# SO400M/14 at 384 for 2.2B; the connector projects vision_hidden * scale^2 to the text hidden size.
+# Published vision shapes: SigLIP-B/16 at 512 for 256M/500M, SigLIP SO400M/14 at 384 for 2.2B; the
+# connector projects vision_hidden * scale^2 to the text hidden size. Checked against SmolVLM-256M's
+# config.json; 500M uses the same tower (SmolVLM blog); the 2.2B values come from secondary copies of
+# its config (the SO400M shape is SigLIP's published one). --model reads a real config instead.
 SIGLIP_B16_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                   "num_attention_heads": 12, "image_size": 512, "patch_size": 16}
 SIGLIP_SO400M_384 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
