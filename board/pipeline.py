@@ -1,0 +1,551 @@
+"""The board runtime as one object: images -> tiles -> vision rows -> sequence -> decoder -> text.
+
+    with Pipeline("bundle/") as vlm:                       # or Pipeline(..., emulate=True) on x86
+        answer = vlm.ask("What is in this image?", ["cat.jpg"]).collect()
+        chat = vlm.chat()
+        for step in chat.send("Describe it.", ["cat.jpg"]): print(step.text, end="")
+        chat.send("And the colours?").collect()           # feeds only the new turn's rows
+
+On the board the stages are RKNNLite (vision, NPU) and librkllmrt (decoder, EMBED input); with
+`emulate=True` they are ONNX Runtime and PyTorch on the bundle's host/ files. Everything between
+them (image decoding, splitting, prompt, embedding sequence, chat state) is the same code.
+
+Multi-turn chat keeps the decoder's KV cache. After an answer that ended with the end-of-turn token
+the cache holds [conversation so far, answer tokens, end-of-turn token]; the re-templated
+conversation continues with the rest of the template's end-of-turn piece (the newline after
+`<end_of_utterance>`) and the new user message, so exactly that text is tokenized and fed, and the
+sequence the model has seen equals the reference's full conversation (with the answer as the tokens
+the model generated). After an answer cut by max_new_tokens the whole end-of-turn piece is fed.
+After an abort, an error, or a turn of another conversation, the cache state is not known (or not
+ours) and the next turn re-feeds the whole re-templated conversation instead.
+
+Context length: a turn whose rows do not fit next to the history (history + new rows must stay below
+max_context) raises `ContextFull` and changes nothing; `Chat.send(..., on_overflow="reset")` instead
+starts the conversation over with just the new message and says so in `Answer.notices` (the CLI
+does that). A single message too long for the context on its own is a PromptError.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .bundle import DECODER_HF, DECODER_RKLLM, VISION_ONNX, VISION_RKNN, Bundle
+from .decoder import Decoder, GenerationStep, SamplingParams
+from .errors import BundleError, DecoderError, InputError, PromptError
+from .image_io import image_from_array, load_image, read_bytes
+from .prompt import Prompt, build_prompt, expand_images, render_chat
+from .sequence import build_sequence, stack_rows
+from .system_checks import CheckResult, SystemPaths, require, run_checks
+from .tiles import SplitSettings, plan_tiles, split_image
+from .vision import EncodedImage, OnnxVisionEncoder, RKNNVisionEncoder, VisionCache, VisionEncoder, image_key
+
+ImageInput = Union[str, Path, bytes, bytearray, memoryview, np.ndarray]
+Message = Mapping[str, Any]
+
+
+class ContextFull(PromptError):
+    """The new turn does not fit next to the conversation's history in the model's context."""
+
+
+@dataclass
+class Timings:
+    """Where one turn's time went (milliseconds), plus the model load and the process's peak memory."""
+
+    load_ms: float = 0.0
+    images: int = 0
+    images_cached: int = 0
+    image_decode_ms: float = 0.0
+    tiles: int = 0
+    tiles_ms: float = 0.0
+    vision_tiles: int = 0  # tiles encoded in this turn (cached images cost none)
+    vision_ms: float = 0.0
+    sequence_ms: float = 0.0
+    history_tokens: int = 0  # what the decoder already held
+    prompt_tokens: int = 0  # rows fed in this turn
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0  # from the start of the turn (images included) to the first token
+    decode_tokens: int = 0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def vision_ms_per_tile(self) -> float:
+        return self.vision_ms / self.vision_tiles if self.vision_tiles else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return 1e3 * self.prompt_tokens / self.prefill_ms if self.prefill_ms > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return 1e3 * self.decode_tokens / self.decode_ms if self.decode_ms > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(vision_ms_per_tile=self.vision_ms_per_tile, prefill_tok_s=self.prefill_tok_s,
+                 decode_tok_s=self.decode_tok_s)
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
+
+
+@dataclass
+class Answer:
+    """A finished turn."""
+
+    text: str
+    token_ids: list[int]  # generated ids, the end-of-turn token included when the decoder reports it
+    finish_reason: str  # stop | length | abort
+    timings: Timings
+    tiles_per_image: list[int] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "tiles_per_image": self.tiles_per_image, "timings": self.timings.to_dict(), "notices": self.notices}
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def budget_settings(settings: SplitSettings, height: int, width: int, max_tiles: Optional[int]) -> SplitSettings:
+    """The splitting settings that keep an image within `max_tiles` tiles (global view included).
+
+    Fewer tiles means a smaller longest edge, as if the processor were given size.longest_edge =
+    k * tile (so the reference can still be run the same way); 1 means no splitting at all.
+    """
+    if max_tiles is None:
+        return settings
+    if max_tiles < 1:
+        raise InputError(f"the tile budget must be at least 1 tile per image, got {max_tiles}")
+    if max_tiles == 1:
+        return settings.with_tile_budget(0)
+    if plan_tiles(height, width, settings).n_tiles <= max_tiles:
+        return settings
+    for per_side in range(math.ceil(settings.longest_edge / settings.tile) - 1, 0, -1):
+        smaller = settings.with_tile_budget(per_side)
+        if plan_tiles(height, width, smaller).n_tiles <= max_tiles:
+            return smaller
+    return settings.with_tile_budget(0)
+
+
+class Reply:
+    """A streamed answer: iterate for GenerationSteps (text pieces, then one with finish_reason);
+    `answer` is set when the stream is done. Preparation (images, prompt) already happened."""
+
+    def __init__(self, pipeline: "Pipeline", start: Callable[[], Iterator[GenerationStep]], timings: Timings,
+                 started: float, tiles_per_image: list[int], notices: list[str],
+                 on_done: Callable[[Optional[Answer]], None]):
+        self._pipeline = pipeline
+        self._start = start
+        self._timings = timings
+        self._started = started
+        self._tiles = tiles_per_image
+        self._on_done = on_done
+        self.notices = notices
+        self.answer: Optional[Answer] = None
+        self._consumed = False
+
+    def __iter__(self) -> Iterator[GenerationStep]:
+        if self._consumed:
+            raise DecoderError("this reply has already been streamed")
+        self._consumed = True
+        text: list[str] = []
+        ids: list[int] = []
+        finish, stats = "stop", None
+        timings = self._timings
+        pipeline = self._pipeline
+        try:
+            if pipeline._abort.is_set():
+                finish = "abort"
+                yield GenerationStep(finish_reason="abort")
+            else:
+                for step in self._start():
+                    if step.token_id is not None:
+                        if not ids:
+                            timings.ttft_ms = (time.perf_counter() - self._started) * 1e3
+                        ids.append(step.token_id)
+                    text.append(step.text)
+                    if step.finish_reason is not None:
+                        finish, stats = step.finish_reason, step.stats
+                    yield step
+                    if pipeline._abort.is_set() and step.finish_reason is None:
+                        pipeline.decoder.abort()  # repeated: an abort before the decoder started is lost
+        except BaseException:
+            self._on_done(None)
+            raise
+        if stats is not None:
+            timings.prefill_ms = stats.prefill_ms
+            timings.decode_tokens, timings.decode_ms = stats.generate_tokens, stats.generate_ms
+        timings.total_ms = (time.perf_counter() - self._started) * 1e3
+        timings.peak_rss_mb = peak_rss_mb()
+        self.answer = Answer("".join(text), ids, finish, timings, self._tiles, self.notices)
+        self._on_done(self.answer)
+
+    def collect(self) -> Answer:
+        """Run the whole answer and return it."""
+        for _ in self:
+            pass
+        assert self.answer is not None
+        return self.answer
+
+
+class Pipeline:
+    """A loaded bundle: vision encoder, decoder, tokenizer, embedding table and a vision cache.
+
+    One request at a time (the decoder holds one conversation); a server queues requests in front.
+    `max_tiles` is the default tile budget per image (None: the checkpoint's full splitting).
+    """
+
+    def __init__(
+        self,
+        bundle: Union[str, Path, Bundle],
+        *,
+        emulate: bool = False,
+        verify: bool = True,
+        npu_cores: str = "parallel",
+        max_tiles: Optional[int] = None,
+        sampling: SamplingParams = SamplingParams(),
+        check_system: bool = True,
+        system_paths: SystemPaths = SystemPaths(),
+        vision: Optional[VisionEncoder] = None,
+        decoder: Optional[Decoder] = None,
+        cache_bytes: int = 256 << 20,
+    ):
+        t0 = time.perf_counter()
+        self.vision: Optional[VisionEncoder] = None
+        self.decoder: Any = None
+        self.emulate = emulate
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify, need_decoder=not emulate)
+        self.checks: list[CheckResult] = []
+        if check_system and (vision is None or decoder is None):
+            self.checks = run_checks(emulate=emulate, library_dirs=[self.bundle.root], paths=system_paths)
+            require(self.checks)
+        if max_tiles is not None and max_tiles < 1:
+            raise InputError(f"the tile budget must be at least 1 tile per image, got {max_tiles}")
+        self.max_tiles = max_tiles
+        self.sampling = sampling
+        self.format = self.bundle.prompt_format
+        self.settings = self.bundle.split_settings
+        self.tokenizer = self.bundle.tokenizer()
+        self.table = self.bundle.embeddings()
+        self.image_token_id = self.bundle.image_token_id
+        self.eos_token_ids = set(self.bundle.eos_token_ids)
+        self.max_context = self.bundle.max_context
+        if self.table.shape[1] != self.bundle.hidden_size:
+            raise BundleError(f"the embedding table is {self.table.shape[1]} wide, the decoder {self.bundle.hidden_size}")
+        self.cache = VisionCache(cache_bytes)
+        self._abort = threading.Event()
+        self._owner: Optional["Chat"] = None  # the chat whose history is in the decoder's cache
+        try:
+            self.vision = vision if vision is not None else self._open_vision(verify, npu_cores)
+            self.decoder = decoder if decoder is not None else self._open_decoder(verify)
+        except BaseException:
+            self.close()
+            raise
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def _host_path(self, rel: str, verify: bool) -> Path:
+        if verify:
+            return self.bundle.verify_host_files(rel)
+        path = self.bundle.path(rel)
+        if not path.exists():
+            raise BundleError(f"the bundle has no {rel}; emulation needs the host/ folder that host.convert writes",
+                              hint="run --emulate on the machine that converted the bundle, or copy its host/ folder too")
+        return path
+
+    def _open_vision(self, verify: bool, npu_cores: str) -> VisionEncoder:
+        kwargs = dict(tokens_per_tile=self.format.image_seq_len, hidden_size=self.bundle.hidden_size,
+                      layout=self.bundle.vision_layout)
+        if self.emulate:
+            return OnnxVisionEncoder(self._host_path(VISION_ONNX, verify), settings=self.settings, **kwargs)
+        return RKNNVisionEncoder(self.bundle.path(VISION_RKNN), tile=self.settings.tile, cores=npu_cores, **kwargs)
+
+    def _open_decoder(self, verify: bool) -> Decoder:
+        if self.emulate:
+            from .decoder_torch import TorchDecoder
+
+            return TorchDecoder(self._host_path(DECODER_HF, verify), tokenizer=self.tokenizer,
+                                eos_token_ids=sorted(self.eos_token_ids), max_context=self.max_context,
+                                hidden_size=self.bundle.hidden_size, sampling=self.sampling)
+        from .decoder_rkllm import RKLLMDecoder
+
+        return RKLLMDecoder(self.bundle.path(DECODER_RKLLM), hidden_size=self.bundle.hidden_size,
+                            max_context=self.max_context, sampling=self.sampling, library_dirs=[self.bundle.root])
+
+    def close(self) -> None:
+        """Release the NPU runtimes / models; safe to call twice."""
+        vision, self.vision = self.vision, None
+        decoder, self.decoder = self.decoder, None
+        try:
+            if vision is not None:
+                vision.close()
+        finally:
+            if decoder is not None:
+                decoder.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def abort(self) -> None:
+        """Stop the running answer (from a signal handler or another thread); it ends with 'abort'."""
+        self._abort.set()
+        if self.decoder is not None:
+            self.decoder.abort()
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for --json and logs."""
+        return {
+            "model": self.bundle.model_id,
+            "tiny": self.bundle.is_tiny,
+            "vision": getattr(self.vision, "backend", type(self.vision).__name__),
+            "npu_cores": getattr(self.vision, "cores", None),
+            "decoder": type(self.decoder).__name__,
+            "max_context": self.max_context,
+            "load_ms": round(self.load_ms, 1),
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+    # -- images -----------------------------------------------------------------------------------
+
+    def encode_image(self, source: ImageInput, timings: Timings, max_tiles: Optional[int] = None) -> EncodedImage:
+        """One image through decoding, splitting and the vision encoder (or from the session cache)."""
+        budget = self.max_tiles if max_tiles is None else max_tiles
+        t0 = time.perf_counter()
+        if isinstance(source, np.ndarray):
+            data: Any = image_from_array(source)
+        else:
+            data = read_bytes(source)
+        key = image_key(data, self.settings, f"max_tiles={budget}")
+        timings.images += 1
+        hit = self.cache.get(key)
+        if hit is not None:
+            timings.images_cached += 1
+            timings.tiles += hit.plan.n_tiles
+            return hit
+        rgb = data if isinstance(data, np.ndarray) else load_image(data)
+        t1 = time.perf_counter()
+        tiled = split_image(rgb, budget_settings(self.settings, rgb.shape[0], rgb.shape[1], budget))
+        t2 = time.perf_counter()
+        rows = self._encode_tiles(tiled.tiles)
+        t3 = time.perf_counter()
+        timings.image_decode_ms += (t1 - t0) * 1e3
+        timings.tiles_ms += (t2 - t1) * 1e3
+        timings.vision_ms += (t3 - t2) * 1e3
+        timings.tiles += tiled.plan.n_tiles
+        timings.vision_tiles += tiled.plan.n_tiles
+        encoded = EncodedImage(tiled.plan, rows)
+        self.cache.put(key, encoded)
+        return encoded
+
+    def encode_video(self, path: Union[str, Path], timings: Timings) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
+        """A video file (SmolVLM2 bundles) as content items and one encoded frame per image placeholder."""
+        from .video import VideoSettings, frame_plan, frame_tile, read_video, video_items
+
+        settings = VideoSettings.from_manifest(self.bundle.video)
+        t0 = time.perf_counter()
+        video = read_video(path, settings)
+        t1 = time.perf_counter()
+        tiles = np.stack([frame_tile(f, settings, self.settings) for f in video.frames])
+        t2 = time.perf_counter()
+        rows = self._encode_tiles(tiles)
+        t3 = time.perf_counter()
+        timings.image_decode_ms += (t1 - t0) * 1e3
+        timings.tiles_ms += (t2 - t1) * 1e3
+        timings.vision_ms += (t3 - t2) * 1e3
+        timings.images += len(video.frames)
+        timings.tiles += len(video.frames)
+        timings.vision_tiles += len(video.frames)
+        frames = [EncodedImage(frame_plan(f, self.settings), rows[i:i + 1]) for i, f in enumerate(video.frames)]
+        return video_items(video, settings), frames
+
+    def _encode_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise DecoderError("the pipeline is closed")
+        return self.vision.encode(tiles)
+
+    def _media(self, images: Sequence[ImageInput], video: Optional[Union[str, Path]], timings: Timings,
+               max_tiles: Optional[int]) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
+        """Content items and encodings for a message's video (first) and images (then), in prompt order."""
+        items: list[dict[str, Any]] = []
+        encoded: list[EncodedImage] = []
+        if video is not None:
+            items, encoded = self.encode_video(video, timings)
+        for image in images:
+            encoded.append(self.encode_image(image, timings, max_tiles))
+            items.append({"type": "image"})
+        return items, encoded
+
+    # -- prompts and turns --------------------------------------------------------------------------
+
+    def continuation_prompt(self, prefix: str, messages: Sequence[Message], plans: Sequence[Any]) -> Prompt:
+        """Token ids for turns appended to a conversation the decoder holds: `prefix` (the rest of the
+        previous end-of-turn piece) + the turns rendered without the opening, tokenized as one text."""
+        fmt = self.format
+        text = expand_images(prefix + render_chat(messages, fmt, continuation=True), plans, fmt)
+        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        positions = np.flatnonzero(ids == self.image_token_id)
+        expected = sum(p.n_tiles for p in plans) * fmt.image_seq_len
+        if positions.size != expected:
+            raise PromptError(f"the new turn holds {positions.size} image tokens but its images need {expected}; "
+                              "the tokenizer does not match the prompt format")
+        return Prompt(ids, positions, [p.n_tiles for p in plans], text)
+
+    def full_prompt(self, messages: Sequence[Message], encoded: Sequence[EncodedImage]) -> Prompt:
+        """Token ids of a whole conversation (opening included), refused if it cannot fit the context."""
+        return build_prompt(messages, [e.plan for e in encoded], self.format, self.tokenizer, self.image_token_id,
+                            max_tokens=self.max_context - 1)
+
+    def _reply(self, prompt: Prompt, encoded: Sequence[EncodedImage], *, keep_history: bool,
+               sampling: Optional[SamplingParams], timings: Timings, started: float, notices: list[str],
+               on_done: Callable[[Optional[Answer]], None]) -> Reply:
+        """Assemble the sequence (count check first) and hand the decoder a lazy start."""
+        if self.decoder is None:
+            raise DecoderError("the pipeline is closed")
+        t0 = time.perf_counter()
+        sequence = build_sequence(prompt, self.table, stack_rows([e.rows for e in encoded], self.table.shape[1]))
+        timings.sequence_ms += (time.perf_counter() - t0) * 1e3
+        timings.prompt_tokens = len(prompt)
+        decoder, params = self.decoder, sampling or self.sampling
+        steps = decoder.generate(sequence, sampling=params, keep_history=keep_history)  # checks run now
+        return Reply(self, lambda: steps, timings, started, list(prompt.tiles_per_image), notices, on_done)
+
+    def generate(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
+                 sampling: Optional[SamplingParams] = None, max_tiles: Optional[int] = None) -> Reply:
+        """A whole conversation in one call (no state kept): `images` fill the image items in order."""
+        started, timings = self._begin()
+        encoded = [self.encode_image(image, timings, max_tiles) for image in images]
+        prompt = self.full_prompt(messages, encoded)
+        self._take_decoder(None)
+        return self._reply(prompt, encoded, keep_history=False, sampling=sampling, timings=timings,
+                           started=started, notices=[], on_done=lambda answer: None)
+
+    def ask(self, question: str, images: Sequence[ImageInput] = (), *, video: Optional[Union[str, Path]] = None,
+            system: Optional[str] = None, sampling: Optional[SamplingParams] = None,
+            max_tiles: Optional[int] = None) -> Reply:
+        """One question about a video and/or images (placed before the text, as SmolVLM is prompted)."""
+        started, timings = self._begin()
+        items, encoded = self._media(images, video, timings, max_tiles)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": items + [{"type": "text", "text": question}]}]
+        prompt = self.full_prompt(messages, encoded)
+        self._take_decoder(None)
+        return self._reply(prompt, encoded, keep_history=False, sampling=sampling, timings=timings,
+                           started=started, notices=[], on_done=lambda answer: None)
+
+    def chat(self, system: Optional[str] = None) -> "Chat":
+        """A multi-turn conversation that keeps the decoder's KV cache between turns."""
+        return Chat(self, system)
+
+    def _begin(self) -> tuple[float, Timings]:
+        """A new turn: a fresh abort flag (an abort requested from now on stops this turn) and timings."""
+        self._abort.clear()
+        return time.perf_counter(), Timings(load_ms=self.load_ms)
+
+    def _take_decoder(self, owner: Optional["Chat"]) -> None:
+        """Give the decoder's cache to `owner` (None: a stateless call); the previous owner must re-feed."""
+        if self._owner is not None and self._owner is not owner:
+            self._owner._cache_valid = False
+        self._owner = owner
+
+
+class Chat:
+    """A conversation: the re-templated messages, their images, and whether the decoder's cache holds them."""
+
+    def __init__(self, pipeline: Pipeline, system: Optional[str] = None):
+        self.pipeline = pipeline
+        self._system = [{"role": "system", "content": system}] if system else []
+        self.reset()
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self._messages)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self._messages: list[dict[str, Any]] = list(self._system)
+        self._images: list[EncodedImage] = []
+        self._cache_valid = False
+        self._history = 0  # rows the decoder's cache holds for this conversation
+        self._resume = ""  # text that completes the last end-of-turn piece
+
+    def send(self, text: str, images: Sequence[ImageInput] = (), *, video: Optional[Union[str, Path]] = None,
+             sampling: Optional[SamplingParams] = None, max_tiles: Optional[int] = None,
+             on_overflow: str = "error") -> Reply:
+        """Add a user turn (video and images before the text) and stream the answer."""
+        if on_overflow not in ("error", "reset"):
+            raise InputError(f"on_overflow must be 'error' or 'reset', got {on_overflow!r}")
+        p = self.pipeline
+        started, timings = p._begin()
+        items, encoded = p._media(images, video, timings, max_tiles)
+        message = {"role": "user", "content": items + [{"type": "text", "text": text}]}
+        notices: list[str] = []
+        continuing = self._cache_valid and p._owner is self
+        if continuing:
+            prompt = p.continuation_prompt(self._resume, [message], [e.plan for e in encoded])
+            fits = self._history + len(prompt) < p.max_context
+        else:
+            prompt = build_prompt(self._messages + [message], [e.plan for e in self._images + encoded], p.format,
+                                  p.tokenizer, p.image_token_id)
+            fits = len(prompt) < p.max_context
+        if not fits:
+            used = self._history + len(prompt) if continuing else len(prompt)
+            if on_overflow == "error" or len(self._messages) == len(self._system):
+                raise ContextFull(
+                    f"the conversation no longer fits the model's context: {used} tokens, max_context is {p.max_context}",
+                    hint="start a new conversation (/reset in --chat), or use fewer image tiles (--max-tiles)",
+                )
+            notices.append(f"the conversation no longer fits the model's context ({used} of {p.max_context} tokens); "
+                           "starting over with this message")
+            self.reset()
+            continuing = False
+            prompt = p.full_prompt(self._messages + [message], encoded)
+        if not continuing:
+            p._take_decoder(self)
+            p.decoder.reset()
+            self._history = 0
+            feed_images = self._images + encoded
+        else:
+            feed_images = encoded
+        timings.history_tokens = self._history
+
+        def on_done(answer: Optional[Answer]) -> None:
+            self._finish(message, encoded, len(prompt), answer)
+
+        self._cache_valid = False  # until this turn has finished cleanly
+        return p._reply(prompt, feed_images, keep_history=True, sampling=sampling, timings=timings,
+                        started=started, notices=notices, on_done=on_done)
+
+    def _finish(self, message: dict[str, Any], encoded: list[EncodedImage], fed: int, answer: Optional[Answer]) -> None:
+        """Record the turn and decide how the next one continues (see the module docstring)."""
+        if answer is None:  # an exception: the turn did not happen, the cache is unknown
+            self._cache_valid = False
+            return
+        p = self.pipeline
+        reply_text = answer.text[1:] if answer.text.startswith(" ") else answer.text
+        self._messages += [message, {"role": "assistant", "content": reply_text}]
+        self._images += encoded
+        self._history += fed + len(answer.token_ids)
+        end = p.format.end_of_turn
+        last = answer.token_ids[-1] if answer.token_ids else None
+        self._cache_valid = False
+        if answer.finish_reason == "stop" and last in p.eos_token_ids:
+            eos_text = p.tokenizer.id_to_token(last) or ""
+            if eos_text and end.startswith(eos_text):
+                self._resume, self._cache_valid = end[len(eos_text):], True
+        elif answer.finish_reason == "length":
+            self._resume, self._cache_valid = end, True

@@ -1,0 +1,268 @@
+"""`python board/run.py`: ask SmolVLM about images (or a video) on the RK3588, or in emulation on x86.
+
+    python board/run.py --bundle ~/smolvlm-256m --image cat.jpg "What is in this image?"
+    python board/run.py --bundle ~/smolvlm-256m --chat --image cat.jpg
+    python board/run.py --bundle out/bundle --emulate --json --image a.jpg --image b.jpg "Compare them."
+
+Runs from a copied folder (the parent of board/ is put on sys.path) and as the installed
+`smolvlm-run` command. Errors are one plain message on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+if __package__ in (None, ""):  # run as a script: import the package from the folder above board/
+    _board_dir = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _board_dir:
+        sys.path.pop(0)  # board/ itself must not shadow top-level modules with its own (e.g. 'video')
+    sys.path.insert(0, str(_board_dir.parent))
+
+from board.decoder import SamplingParams  # noqa: E402
+from board.errors import InputError, SmolVLMError  # noqa: E402
+from board.system_checks import run_checks  # noqa: E402
+from board.vision import NPU_CORE_MODES  # noqa: E402
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _UsageError(Exception):
+    """Arguments that parse but do not make sense together; reported like argparse's own errors."""
+
+DEFAULT_SAMPLING_TOP_K = 40  # used when --temperature/--top-p turn sampling on without --top-k
+
+CHAT_HELP = """commands: /image PATH (attach to the next message), /video PATH, /reset (new conversation),
+/quit (or Ctrl-D). Ctrl-C stops an answer; Ctrl-C again (or at the prompt) exits."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smolvlm-run",
+        description="Ask a SmolVLM bundle about images or a video. On an RK3588 the vision model runs on the "
+        "NPU (rknnlite) and the language model in librkllmrt; with --emulate the same pipeline runs on x86 "
+        "with ONNX Runtime and PyTorch on the bundle's host/ files. The answer streams to stdout.",
+        epilog="Greedy decoding is the default (reproducible answers). --temperature > 0 or --top-p < 1 "
+        f"turns sampling on (top-k {DEFAULT_SAMPLING_TOP_K} unless --top-k is given). Exit status: 0 done, "
+        f"{EXIT_ERROR} error, {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted.\n\n{CHAT_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("question", nargs="?", help="the question (with --chat: the first message; optional)")
+    parser.add_argument("--bundle", required=True, metavar="DIR", help="the bundle folder made by host.convert")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image (JPEG, PNG, WebP, BMP, GIF, TIFF); repeat for several, in prompt order")
+    parser.add_argument("--video", metavar="PATH", help="a video file (SmolVLM2 bundles): frames are sampled "
+                        "at the model's rate and limits")
+    parser.add_argument("--system", metavar="TEXT", help="a system message")
+    parser.add_argument("--chat", action="store_true", help="interactive conversation; the model keeps the "
+                        "history in its cache and each turn feeds only its new tokens")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, "
+                        "finish_reason, timings, model) instead of streaming; with --chat one object per turn")
+    parser.add_argument("--emulate", action="store_true", help="x86 emulation: ONNX Runtime vision + PyTorch "
+                        "decoder from <bundle>/host/ (works on a bundle converted with --skip-decoder)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files "
+                        "(faster start; a damaged file then fails later and less clearly)")
+    parser.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel",
+                        help="vision on the NPU: 'parallel' = one runtime per core, tiles spread over the 3 "
+                        "cores (default); 'single' = core 0 only; 'all' = one runtime across all 3 cores")
+    parser.add_argument("--max-tiles", type=int, metavar="N", help="tile budget per image, global view "
+                        "included: default the model's full splitting (up to 17); fewer tiles are faster "
+                        "(e.g. 5 = 2x2 + global), 1 = no splitting")
+    parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (512)")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (1 = greedy)")
+    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: smallest set of tokens with "
+                        "probability >= P")
+    parser.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R",
+                        help="divide the scores of tokens already in the answer by R (1.0 = off)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling (emulation; librkllmrt has none)")
+    parser.add_argument("--checks", action="store_true", help="only run the system checks and print them")
+    parser.add_argument("--stats", action="store_true", help="print the timings to stderr after each answer")
+    return parser
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    sampling_wanted = (args.temperature or 0) > 0 or (args.top_p is not None and args.top_p < 1)
+    top_k = args.top_k if args.top_k is not None else (DEFAULT_SAMPLING_TOP_K if sampling_wanted else 1)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        top_k=top_k,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+        temperature=args.temperature if args.temperature is not None else 1.0,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
+
+
+class Interrupts:
+    """Ctrl-C while answering: the first stops the answer (the pipeline aborts), the second exits."""
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+        self.count = 0
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        self.pipeline.abort()
+
+    def __enter__(self) -> "Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def stream(reply: Any, pipeline: Any, *, as_json: bool, out: TextIO, stats: bool) -> Any:
+    """Print one answer (streamed text, or one JSON object); return the Answer."""
+    for notice in reply.notices:
+        print(f"notice: {notice}", file=sys.stderr)
+    with Interrupts(pipeline):
+        for step in reply:
+            if step.text and not as_json:
+                out.write(step.text)
+                out.flush()
+    answer = reply.answer
+    if as_json:
+        out.write(json.dumps({**answer.to_dict(), "model": pipeline.describe()}, ensure_ascii=False) + "\n")
+    else:
+        out.write("\n")
+        if answer.finish_reason == "abort":
+            print("(stopped)", file=sys.stderr)
+    out.flush()
+    if stats:
+        t = answer.timings
+        print(f"[{t.tiles} tiles, vision {t.vision_ms_per_tile:.0f} ms/tile, prefill {t.prompt_tokens} tok "
+              f"{t.prefill_ms:.0f} ms, ttft {t.ttft_ms:.0f} ms, decode {t.decode_tok_s:.1f} tok/s, "
+              f"peak RSS {t.peak_rss_mb:.0f} MB]", file=sys.stderr)
+    return answer
+
+
+def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams, out: TextIO) -> int:
+    chat = pipeline.chat(args.system)
+    images: list[str] = list(args.image)
+    video: Optional[str] = args.video
+    first: Optional[str] = args.question
+    interactive = sys.stdin.isatty()
+    if interactive and not args.json:
+        print(f"chatting with {pipeline.bundle.model_id}. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        if first is not None:
+            line, first = first, None
+        else:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                return 0
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return 0
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if command == "/reset":
+            chat.reset()
+            images, video = [], None
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if command in ("/image", "/video"):
+            path = rest.strip()
+            if not path:
+                print(f"usage: {command} PATH", file=sys.stderr)
+            elif not Path(path).expanduser().is_file():
+                print(f"error: file not found: {path}", file=sys.stderr)
+            elif command == "/image":
+                images.append(path)
+                print(f"(image {len(images)} attached to the next message)", file=sys.stderr)
+            else:
+                video = path
+                print("(video attached to the next message)", file=sys.stderr)
+            continue
+        try:
+            reply = chat.send(line, images, video=video, sampling=sampling, max_tiles=args.max_tiles,
+                              on_overflow="reset")
+            images, video = [], None
+            answer = stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except SmolVLMError as err:
+            if not _recoverable(err):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            images, video = [], None
+            continue
+        if answer.finish_reason == "abort" and not interactive:
+            return EXIT_INTERRUPTED
+
+
+def _recoverable(err: SmolVLMError) -> bool:
+    """In a chat, a bad image or prompt only loses that message; anything else ends the session."""
+    return isinstance(err, InputError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    if args.emulate:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the CLI's stderr is for the user
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        if args.checks:
+            results = run_checks(emulate=args.emulate, library_dirs=[args.bundle])
+            for result in results:
+                print(result.line(), file=out)
+            return EXIT_ERROR if any(r.failed for r in results) else 0
+        if args.max_new_tokens < 1:
+            raise _UsageError("--max-new-tokens must be at least 1")
+        if args.max_tiles is not None and args.max_tiles < 1:
+            raise _UsageError("--max-tiles must be at least 1 (1 = no splitting)")
+        if not args.chat and not args.question:
+            raise _UsageError("give a question (or use --chat)")
+        sampling = sampling_from_args(args)
+        from board.pipeline import Pipeline
+
+        with Pipeline(args.bundle, emulate=args.emulate, verify=not args.no_verify, npu_cores=args.npu_cores,
+                      max_tiles=args.max_tiles, sampling=sampling) as pipeline:
+            if args.chat:
+                return chat_loop(pipeline, args, sampling, out)
+            reply = pipeline.ask(args.question, args.image, video=args.video, system=args.system,
+                                 sampling=sampling, max_tiles=args.max_tiles)
+            answer = stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
+            return EXIT_INTERRUPTED if answer.finish_reason == "abort" else 0
+    except _UsageError as err:
+        print(f"smolvlm-run: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except SmolVLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\n(interrupted)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a bug, not a user error: one line unless SMOLVLM_DEBUG asks for the traceback
+        if os.environ.get("SMOLVLM_DEBUG"):
+            raise
+        print(f"error: unexpected {type(err).__name__}: {err} (set SMOLVLM_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Checks run before a model is loaded, so a missing piece is named in plain words, not in a crash.
+
+On a board: the CPU is an RK3588, the NPU driver is new enough for librkllmrt 1.3.0 (>= 0.9.8),
+librkllmrt 1.3.0 loads, and librknnrt + rknnlite (the vision runtime) are present. With
+`--emulate` those are skipped and the x86 emulation's own needs (ONNX Runtime, PyTorch,
+transformers) are checked instead.
+
+Every path read is a field of `SystemPaths`, so tests point the checks at a fake /sys and /proc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from . import rkllm_h
+from .errors import RuntimeUnavailable
+
+MIN_NPU_DRIVER = (0, 9, 8)
+RKNNRT_NAME = "librknnrt.so"
+SOC_COMPATIBLE = ("rockchip,rk3588", "rockchip,rk3588s")
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+
+_RKNNRT_HINT = (
+    "get librknnrt.so 2.5.0 from Rockchip's airockchip/rknn-toolkit2 repository "
+    "(rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so) and copy it to /usr/lib/ on the board"
+)
+_RKNNLITE_HINT = "pip install rknn-toolkit-lite2==2.5.0 (the wheel for this Python, aarch64 only)"
+
+
+@dataclass(frozen=True)
+class SystemPaths:
+    """Where the checks look; the defaults are the real board's."""
+
+    npu_debugfs_version: Path = Path("/sys/kernel/debug/rknpu/version")
+    npu_module_version: Path = Path("/sys/module/rknpu/version")
+    device_tree_compatible: Path = Path("/proc/device-tree/compatible")
+    mounts: Path = Path("/proc/mounts")
+    rknnrt_dirs: tuple[str, ...] = ("/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu", "/lib")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check's outcome. `warn` means it could not be settled but need not stop the run."""
+
+    name: str
+    status: str
+    message: str
+    hint: Optional[str] = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+    def line(self) -> str:
+        text = f"[{self.status:>4}] {self.name}: {self.message}"
+        return text + (f"\n       hint: {self.hint}" if self.hint else "")
+
+
+def parse_version(text: str) -> Optional[tuple[int, int, int]]:
+    """(major, minor, patch) from e.g. 'RKNPU driver: v0.9.8'."""
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def check_soc(paths: SystemPaths = SystemPaths()) -> CheckResult:
+    """The device tree names the SoC; the NPU models in a bundle are compiled for the RK3588 only."""
+    name = "cpu"
+    try:
+        raw = paths.device_tree_compatible.read_bytes()
+    except OSError:
+        return CheckResult(
+            name, FAIL, f"{paths.device_tree_compatible} is missing: this is not a Rockchip board (or not Linux on one)",
+            hint="run on an RK3588 board, or use --emulate on an x86 machine",
+        )
+    compatible = [c.decode("ascii", "replace") for c in raw.split(b"\0") if c]
+    if any(c in SOC_COMPATIBLE for c in compatible):
+        return CheckResult(name, OK, f"RK3588 ({compatible[0]})")
+    return CheckResult(
+        name, FAIL, f"this board is not an RK3588 (device tree: {', '.join(compatible) or 'empty'})",
+        hint="the bundle's NPU models are compiled for rk3588; use an RK3588/RK3588S board",
+    )
+
+
+def _debugfs_mounted(paths: SystemPaths) -> Optional[bool]:
+    try:
+        return any(line.split()[2:3] == ["debugfs"] for line in paths.mounts.read_text().splitlines())
+    except OSError:
+        return None
+
+
+def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
+    """The rknpu kernel driver's version: librkllmrt 1.3.0 needs >= 0.9.8.
+
+    The version is in debugfs, readable by root only; /sys/module/rknpu/version (world-readable, on
+    kernels that export it) is read when debugfs is not. When neither can be read the check warns
+    and says how to look, instead of refusing a board that may be fine.
+    """
+    name = "npu driver"
+    need = ".".join(map(str, MIN_NPU_DRIVER))
+    update_hint = (
+        f"update the board's kernel/OS image to one with rknpu driver >= {need} "
+        "(Rockchip's 5.10/6.1 BSP kernels of 2024 or later; check your board vendor's images)"
+    )
+    text, problem = None, None
+    for source in (paths.npu_debugfs_version, paths.npu_module_version):
+        try:
+            text = source.read_text(errors="replace").strip()
+            break
+        except PermissionError:
+            problem = problem or "permission"
+        except OSError:
+            continue
+    if text is None:
+        how = f"run `sudo cat {paths.npu_debugfs_version}`"
+        if problem == "permission":
+            why = f"{paths.npu_debugfs_version} is readable by root only"
+        elif _debugfs_mounted(paths) is False:
+            why = "debugfs is not mounted"
+            how = f"run `sudo mount -t debugfs none /sys/kernel/debug` then `sudo cat {paths.npu_debugfs_version}`"
+        else:
+            why = f"{paths.npu_debugfs_version} does not exist (no rknpu driver loaded?)"
+        return CheckResult(name, WARN, f"cannot read the NPU driver version: {why}",
+                           hint=f"{how}; it must say v{need} or newer")
+    version = parse_version(text)
+    if version is None:
+        return CheckResult(name, WARN, f"cannot parse the NPU driver version from {text!r}",
+                           hint=f"it must be v{need} or newer")
+    shown = ".".join(map(str, version))
+    if version < MIN_NPU_DRIVER:
+        return CheckResult(name, FAIL, f"NPU driver {shown} is too old; librkllmrt 1.3.0 needs {need} or newer",
+                           hint=update_hint)
+    return CheckResult(name, OK, f"rknpu {shown}")
+
+
+def check_rkllm_runtime(library_dirs: Sequence[Union[str, os.PathLike]] = ()) -> CheckResult:
+    """librkllmrt 1.3.0 found, loadable, and of the 1.3.0 layout (board.rkllm_h's checks)."""
+    try:
+        lib = rkllm_h.load_library(library_dirs)
+    except RuntimeUnavailable as err:
+        return CheckResult("librkllmrt", FAIL, err.message, hint=err.hint)
+    return CheckResult("librkllmrt", OK, str(lib.path))
+
+
+def check_rknn_runtime(paths: SystemPaths = SystemPaths()) -> list[CheckResult]:
+    """librknnrt.so (the NPU runtime rknnlite loads from /usr/lib) and the rknnlite package."""
+    found = next((Path(d) / RKNNRT_NAME for d in paths.rknnrt_dirs if (Path(d) / RKNNRT_NAME).is_file()), None)
+    if found is None:
+        lib = CheckResult("librknnrt", FAIL, f"{RKNNRT_NAME} was not found in {', '.join(paths.rknnrt_dirs)}",
+                          hint=_RKNNRT_HINT)
+    else:
+        try:
+            ctypes.CDLL(str(found))
+            lib = CheckResult("librknnrt", OK, str(found))
+        except OSError as exc:
+            lib = CheckResult("librknnrt", FAIL, f"found {found} but could not load it: {exc}", hint=_RKNNRT_HINT)
+    try:
+        importlib.import_module("rknnlite.api")
+        lite = CheckResult("rknnlite", OK, "rknn-toolkit-lite2 importable")
+    except ImportError as exc:
+        lite = CheckResult("rknnlite", FAIL, f"rknnlite cannot be imported ({exc})", hint=_RKNNLITE_HINT)
+    return [lib, lite]
+
+
+def check_emulation() -> list[CheckResult]:
+    """What --emulate needs on x86: ONNX Runtime for vision, PyTorch + transformers for the decoder."""
+    results = []
+    for module, hint in (
+        ("onnxruntime", "pip install onnxruntime"),
+        ("torch", "pip install torch==2.13.0 (the CPU build), or run scripts/setup.sh"),
+        ("transformers", "pip install 'transformers>=5,<6', or run scripts/setup.sh"),
+    ):
+        try:
+            importlib.import_module(module)
+            results.append(CheckResult(module, OK, "importable"))
+        except ImportError as exc:
+            results.append(CheckResult(module, FAIL, f"--emulate needs {module}: {exc}", hint=hint))
+    return results
+
+
+def run_checks(
+    *,
+    emulate: bool = False,
+    need_decoder: bool = True,
+    library_dirs: Iterable[Union[str, os.PathLike]] = (),
+    paths: SystemPaths = SystemPaths(),
+) -> list[CheckResult]:
+    """All checks for this mode, in the order a user should fix them."""
+    if emulate:
+        skipped = [CheckResult(n, SKIP, "not needed with --emulate") for n in ("cpu", "npu driver", "librkllmrt", "librknnrt", "rknnlite")]
+        return skipped + check_emulation()
+    results = [check_soc(paths), check_npu_driver(paths)]
+    if need_decoder:
+        results.append(check_rkllm_runtime(list(library_dirs)))
+    results.extend(check_rknn_runtime(paths))
+    return results
+
+
+def require(results: Sequence[CheckResult]) -> None:
+    """Raise one RuntimeUnavailable naming every failed check (the hint of the first)."""
+    failed = [r for r in results if r.failed]
+    if not failed:
+        return
+    lines = "; ".join(f"{r.name}: {r.message}" for r in failed)
+    hints = " | ".join(r.hint for r in failed if r.hint)
+    raise RuntimeUnavailable(f"this machine cannot run the model: {lines}", hint=hints or None)

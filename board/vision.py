@@ -1,0 +1,318 @@
+"""Stage 4: image tiles -> the vision rows that replace the `<image>` tokens.
+
+One small interface, `VisionEncoder.encode(tiles)`: uint8 NHWC RGB tiles [n, T, T, 3] in, float32
+[n, tokens_per_tile, hidden] out. Two backends:
+
+- `RKNNVisionEncoder` (the board): `vision.rknn` on rknnlite. The model is static batch 1 (a
+  dynamic-batch build is 3.5x larger and ran out of memory), so speed comes from running tiles on
+  the three NPU cores at once: `cores="parallel"` opens one runtime per core and spreads the tiles
+  over them from threads; `"single"` (core 0) and `"all"` (one runtime on NPU_CORE_0_1_2, which
+  splits each layer over the cores) are there so the fastest can be measured on a board.
+- `OnnxVisionEncoder` (x86 emulation): `host/vision.onnx` on ONNX Runtime, fed what the RKNN model
+  computes from the same uint8 tile: the normalization the RKNN build bakes in,
+  (x - mean/rescale) / (std/rescale).
+
+How a tile enters the model is the bundle's vision layout (`vision.layout` in the manifest): the
+`conv` layout takes the tile as it is (NHWC uint8 on the NPU, normalized NCHW float in ONNX).
+
+`VisionCache` keeps an image's rows for the session, keyed by a hash of the image bytes and the
+tile settings, so a follow-up question about the same picture does not encode it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from .errors import RuntimeUnavailable, VisionError
+from .tiles import SplitSettings, TilePlan
+
+NPU_CORE_MODES = ("parallel", "single", "all")
+_RKNNLITE_HINT = "pip install rknn-toolkit-lite2==2.5.0 on the board (aarch64), and put librknnrt.so in /usr/lib"
+
+
+# -- input layouts ----------------------------------------------------------------------------
+
+
+def _conv_npu(tile: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(tile[None])
+
+
+def _conv_onnx(tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
+    r = settings.rescale_factor
+    mean = np.asarray([m / r for m in settings.image_mean], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray([s / r for s in settings.image_std], np.float32).reshape(1, 3, 1, 1)
+    return (tiles.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std
+
+
+@dataclass(frozen=True)
+class TileFeed:
+    """How one vision layout feeds a uint8 NHWC tile: to rknnlite (with its data_format) and to ONNX."""
+
+    name: str
+    npu_input: Callable[[np.ndarray], np.ndarray]
+    npu_data_format: Optional[str]
+    onnx_input: Callable[[np.ndarray, SplitSettings], np.ndarray]
+
+
+FEEDS = {"conv": TileFeed("conv", _conv_npu, "nhwc", _conv_onnx)}
+
+
+def tile_feed(layout: str) -> TileFeed:
+    try:
+        return FEEDS[layout]
+    except KeyError:
+        raise VisionError(
+            f"the bundle's vision model takes the '{layout}' input layout, which this runtime does not know "
+            f"(it knows: {', '.join(FEEDS)})",
+            hint="update the board code to the version that converted the bundle",
+        ) from None
+
+
+# -- encoders ---------------------------------------------------------------------------------
+
+
+class VisionEncoder:
+    """Tiles in, rows out; subclasses run the model one tile at a time (`_encode_tile`) or in bulk."""
+
+    backend = "?"
+
+    def __init__(self, *, tile: int, tokens_per_tile: int, hidden_size: int, feed: TileFeed):
+        self.tile = tile
+        self.tokens_per_tile = tokens_per_tile
+        self.hidden_size = hidden_size
+        self.feed = feed
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 [n, T, T, 3] RGB tiles -> float32 [n, tokens_per_tile, hidden]."""
+        tiles = np.asarray(tiles)
+        if tiles.ndim != 4 or tiles.shape[1:] != (self.tile, self.tile, 3) or tiles.dtype != np.uint8:
+            raise VisionError(f"tiles must be uint8 [n, {self.tile}, {self.tile}, 3], got {tiles.dtype} {list(tiles.shape)}")
+        if len(tiles) == 0:
+            return np.zeros((0, self.tokens_per_tile, self.hidden_size), np.float32)
+        out = self._encode(tiles)
+        if out.shape != (len(tiles), self.tokens_per_tile, self.hidden_size):
+            raise VisionError(
+                f"the vision model returned {list(out.shape)} for {len(tiles)} tile(s); the bundle says "
+                f"[{len(tiles)}, {self.tokens_per_tile}, {self.hidden_size}]",
+                hint="the vision model does not match the bundle's manifest; rebuild the bundle",
+            )
+        return out
+
+    def _encode(self, tiles: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _as_rows(self, output: Any) -> np.ndarray:
+        out = np.asarray(output, dtype=np.float32)
+        if out.size != self.tokens_per_tile * self.hidden_size:
+            raise VisionError(
+                f"the vision model returned {list(out.shape)} for one tile; expected [1, {self.tokens_per_tile}, "
+                f"{self.hidden_size}]",
+                hint="the vision model does not match the bundle's manifest; rebuild the bundle",
+            )
+        return out.reshape(self.tokens_per_tile, self.hidden_size)
+
+    def close(self) -> None:
+        """Release the runtime(s); safe to call twice."""
+
+    def __enter__(self) -> "VisionEncoder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class OnnxVisionEncoder(VisionEncoder):
+    """x86 emulation: the bundle's host/vision.onnx on ONNX Runtime (CPU), one tile per run like the NPU."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx_path: Union[str, Path], *, settings: SplitSettings, tokens_per_tile: int,
+                 hidden_size: int, layout: str = "conv", threads: Optional[int] = None):
+        super().__init__(tile=settings.tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size,
+                         feed=tile_feed(layout))
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeUnavailable("--emulate needs onnxruntime", hint="pip install onnxruntime") from exc
+        self.settings = settings
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unimportable exception types
+            raise VisionError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+        self._input = self._session.get_inputs()[0].name
+
+    def _encode(self, tiles: np.ndarray) -> np.ndarray:
+        session = self._session
+        if session is None:
+            raise VisionError("the vision encoder is closed")
+        inputs = self.feed.onnx_input(tiles, self.settings)
+        try:
+            return np.stack([self._as_rows(session.run(None, {self._input: x[None]})[0]) for x in inputs])
+        except VisionError:
+            raise
+        except Exception as exc:
+            raise VisionError(f"ONNX Runtime failed on a tile: {exc}") from exc
+
+    def close(self) -> None:
+        self._session = None
+
+
+class RKNNVisionEncoder(VisionEncoder):
+    """The board: vision.rknn on rknnlite, one runtime per NPU core ('parallel'), core 0 ('single'),
+    or one runtime over all three cores ('all').
+
+    In 'parallel' each runtime holds its own copy of the weights (3x the model's size in memory):
+    rknnlite has no way to share them between contexts.
+    """
+
+    backend = "rknnlite"
+
+    def __init__(self, rknn_path: Union[str, Path], *, tile: int, tokens_per_tile: int, hidden_size: int,
+                 layout: str = "conv", cores: str = "parallel"):
+        self._runtimes: list[Any] = []  # first, so close()/__del__ work after any failure below
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
+        super().__init__(tile=tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size, feed=tile_feed(layout))
+        if cores not in NPU_CORE_MODES:
+            raise VisionError(f"unknown NPU core mode '{cores}' (choose from {', '.join(NPU_CORE_MODES)})")
+        try:
+            from rknnlite.api import RKNNLite
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"rknnlite (rknn-toolkit-lite2) cannot be imported: {exc}", hint=_RKNNLITE_HINT) from exc
+        self.cores = cores
+        masks = {
+            "parallel": [RKNNLite.NPU_CORE_0, RKNNLite.NPU_CORE_1, RKNNLite.NPU_CORE_2],
+            "single": [RKNNLite.NPU_CORE_0],
+            "all": [RKNNLite.NPU_CORE_0_1_2],
+        }[cores]
+        self._idle: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        try:
+            for i, mask in enumerate(masks):
+                runtime = RKNNLite(verbose=False)
+                self._runtimes.append(runtime)
+                if runtime.load_rknn(str(rknn_path)) != 0:
+                    raise VisionError(f"rknnlite could not load {rknn_path}",
+                                      hint="copy the bundle again; it must be built by rknn-toolkit2 2.5.0 for rk3588")
+                if runtime.init_runtime(core_mask=mask) != 0:
+                    raise VisionError(
+                        f"rknnlite could not start the vision model on NPU core mask {mask} (runtime {i + 1}/{len(masks)})",
+                        hint="check librknnrt.so in /usr/lib (2.5.0), the NPU driver, free memory, "
+                        "or try --npu-cores single",
+                    )
+                self._idle.put(runtime)
+            if len(masks) > 1:
+                self._pool = ThreadPoolExecutor(max_workers=len(masks), thread_name_prefix="npu-core")
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, tile: np.ndarray) -> np.ndarray:
+        runtime = self._idle.get()  # the pool has as many threads as runtimes: one is always free
+        try:
+            kwargs = {"data_format": [self.feed.npu_data_format]} if self.feed.npu_data_format else {}
+            outputs = runtime.inference(inputs=[self.feed.npu_input(tile)], **kwargs)
+        finally:
+            self._idle.put(runtime)
+        if outputs is None or not len(outputs):
+            raise VisionError("rknnlite inference failed on a tile (no output)")
+        return self._as_rows(outputs[0])
+
+    def _encode(self, tiles: np.ndarray) -> np.ndarray:
+        if not self._runtimes:
+            raise VisionError("the vision encoder is closed")
+        if self._pool is None:
+            return np.stack([self._run(t) for t in tiles])
+        return np.stack(list(self._pool.map(self._run, tiles)))
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            runtimes, self._runtimes = self._runtimes, []
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for runtime in runtimes:
+            try:
+                runtime.release()
+            except Exception:  # noqa: BLE001 - releasing the others matters more than one failure
+                pass
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# -- the per-session cache ------------------------------------------------------------------
+
+
+@dataclass
+class EncodedImage:
+    """One image's trip through the vision stage: its tile plan and its rows [n_tiles, N, hidden]."""
+
+    plan: TilePlan
+    rows: np.ndarray
+    cached: bool = False
+
+
+def image_key(data: Union[bytes, memoryview, np.ndarray], settings: SplitSettings, extra: str = "") -> str:
+    """Content hash of the image (file bytes, or pixels + shape) and everything that shapes its tiles."""
+    digest = hashlib.sha256()
+    if isinstance(data, np.ndarray):
+        digest.update(repr((data.shape, str(data.dtype))).encode())
+        digest.update(np.ascontiguousarray(data).data)
+    else:
+        digest.update(data)
+    digest.update(repr(astuple(settings)).encode())
+    digest.update(extra.encode())
+    return digest.hexdigest()
+
+
+class VisionCache:
+    """Least-recently-used rows of the session's images, bounded in bytes (rows are 2.5 MB per 17-tile
+    image for the 256M model, 11 MB for 2.2B)."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._entries: "OrderedDict[str, EncodedImage]" = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Optional[EncodedImage]:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return EncodedImage(entry.plan, entry.rows, cached=True)
+
+    def put(self, key: str, image: EncodedImage) -> None:
+        if image.rows.nbytes > self.max_bytes:
+            return
+        if key in self._entries:
+            self._bytes -= self._entries.pop(key).rows.nbytes
+        image.rows.setflags(write=False)  # shared by every later hit
+        self._entries[key] = EncodedImage(image.plan, image.rows)
+        self._bytes += image.rows.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.rows.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
