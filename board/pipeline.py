@@ -142,15 +142,14 @@ class Reply:
     """A streamed answer: iterate for GenerationSteps (text pieces, then one with finish_reason);
     `answer` is set when the stream is done. Preparation (images, prompt) already happened."""
 
-    def __init__(self, pipeline: "Pipeline", start: Callable[[], Iterator[GenerationStep]], timings: Timings,
-                 started: float, tiles_per_image: list[int], notices: list[str],
-                 on_done: Callable[[Optional[Answer]], None]):
+    def __init__(self, pipeline: "Pipeline", steps: Iterator[GenerationStep], prompt: Prompt,
+                 timings: Timings, started: float, notices: list[str], on_done: Callable[[Optional[Answer]], None]):
         self._pipeline = pipeline
-        self._start = start
+        self._steps = steps
         self._timings = timings
         self._started = started
-        self._tiles = tiles_per_image
         self._on_done = on_done
+        self.prompt = prompt  # what this turn fed (after the decoder's history, if any)
         self.notices = notices
         self.answer: Optional[Answer] = None
         self._consumed = False
@@ -169,7 +168,7 @@ class Reply:
                 finish = "abort"
                 yield GenerationStep(finish_reason="abort")
             else:
-                for step in self._start():
+                for step in self._steps:
                     if step.token_id is not None:
                         if not ids:
                             timings.ttft_ms = (time.perf_counter() - self._started) * 1e3
@@ -188,7 +187,7 @@ class Reply:
             timings.decode_tokens, timings.decode_ms = stats.generate_tokens, stats.generate_ms
         timings.total_ms = (time.perf_counter() - self._started) * 1e3
         timings.peak_rss_mb = peak_rss_mb()
-        self.answer = Answer("".join(text), ids, finish, timings, self._tiles, self.notices)
+        self.answer = Answer("".join(text), ids, finish, timings, list(self.prompt.tiles_per_image), self.notices)
         self._on_done(self.answer)
 
     def collect(self) -> Answer:
@@ -422,7 +421,7 @@ class Pipeline:
         timings.prompt_tokens = len(prompt)
         decoder, params = self.decoder, sampling or self.sampling
         steps = decoder.generate(sequence, sampling=params, keep_history=keep_history)  # checks run now
-        return Reply(self, lambda: steps, timings, started, list(prompt.tiles_per_image), notices, on_done)
+        return Reply(self, steps, prompt, timings, started, notices, on_done)
 
     def generate(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
                  sampling: Optional[SamplingParams] = None, max_tiles: Optional[int] = None) -> Reply:

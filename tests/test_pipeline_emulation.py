@@ -1,0 +1,269 @@
+"""The whole board pipeline in emulation (ONNX Runtime vision + PyTorch decoder on the bundle's host/ files)
+against transformers' own Idefics3 processor and generate() on the same tiny random-weight checkpoint.
+
+Greedy token ids must be equal: single image, two images, interleaved images, no image, a tile
+budget, and second chat turns (after the end-of-turn token, after max_new_tokens, after an abort).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from board.bundle import Bundle  # noqa: E402
+from board.decoder import SamplingParams  # noqa: E402
+from board.errors import PromptError  # noqa: E402
+from board.pipeline import ContextFull, Pipeline, budget_settings  # noqa: E402
+from board.sequence import build_sequence, stack_rows  # noqa: E402
+from board.tiles import TilePlan, plan_tiles  # noqa: E402
+from board.vision import EncodedImage, VisionCache  # noqa: E402
+from test_pipeline_support import Oracle, build_bundle, images, stopping_checkpoint, tiny_bundle_for  # noqa: E402,F401
+
+MAX_NEW = 16
+GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
+Q = "What is in this image?"
+MARK = "\x1fanswer\x1f"
+
+
+def user(*items):
+    return {"role": "user", "content": [{"type": "image"} if i is None else {"type": "text", "text": i} for i in items]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_checkpoint):
+    bundle = tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
+    with Pipeline(bundle, emulate=True) as pipeline:
+        yield SimpleNamespace(bundle=bundle, pipeline=pipeline, oracle=Oracle(tiny_checkpoint("256m")))
+
+
+@pytest.fixture(scope="module")
+def stopping(base, images, tmp_path_factory):
+    """A checkpoint whose greedy answer to the first chat turn ends with <end_of_utterance> after 3 tokens."""
+    inputs = base.oracle.inputs([user(None, Q)], [images["wide"]])
+    generated = base.oracle.generate(inputs, 6)
+    token = next(t for i, t in enumerate(generated) if i >= 3 and t not in generated[:i])
+    root = tmp_path_factory.mktemp("stopping")
+    checkpoint = stopping_checkpoint(base.oracle.checkpoint.path, root / "ckpt", token)
+    bundle = build_bundle(root / "bundle", checkpoint, skip_rknn=True)
+    with Pipeline(bundle, emulate=True) as pipeline:
+        yield SimpleNamespace(bundle=bundle, pipeline=pipeline, oracle=Oracle(checkpoint))
+
+
+def _check_parity(setup, reply, messages, image_paths, max_new=MAX_NEW):
+    answer = reply.collect()
+    inputs = setup.oracle.inputs(messages, image_paths)
+    assert reply.prompt.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    expected = setup.oracle.generate(inputs, max_new)
+    assert answer.token_ids == expected
+    assert answer.finish_reason == ("stop" if expected[-1] in setup.pipeline.eos_token_ids else "length")
+    return answer
+
+
+@pytest.mark.parametrize("names", [["wide"], ["wide", "tall"], []], ids=["one-image", "two-images", "no-image"])
+def test_ask_greedy_tokens_equal_reference(base, images, names):
+    paths = [images[n] for n in names]
+    question = Q if paths else "Tell me a joke.\n\nA short one."
+    reply = base.pipeline.ask(question, paths, sampling=GREEDY)
+    answer = _check_parity(base, reply, [user(*[None] * len(paths), question)], paths)
+    t = answer.timings
+    assert answer.tiles_per_image == [13] * len(paths)
+    assert t.tiles == 13 * len(paths) == t.vision_tiles + 13 * t.images_cached and t.prompt_tokens == len(reply.prompt)
+    assert t.prefill_ms > 0 and t.ttft_ms > 0 and t.total_ms >= t.ttft_ms and t.peak_rss_mb > 0
+
+
+def test_interleaved_images_and_system_message(base, images):
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                user("Compare", None, "with", None, "please.")]
+    paths = [images["small"], images["tall"]]
+    _check_parity(base, base.pipeline.generate(messages, paths, sampling=GREEDY), messages, paths)
+
+
+def test_tile_budget_equals_reference_with_a_smaller_longest_edge(base, images):
+    reply = base.pipeline.ask(Q, [images["wide"]], sampling=GREEDY, max_tiles=5)
+    answer = reply.collect()
+    assert answer.tiles_per_image == [5]
+    inputs = base.oracle.inputs([user(None, Q)], [images["wide"]], size={"longest_edge": 1024})
+    assert reply.prompt.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == base.oracle.generate(inputs, MAX_NEW)
+    assert base.pipeline.ask(Q, [images["wide"]], max_tiles=1, sampling=GREEDY).collect().tiles_per_image == [1]
+
+
+def test_budget_settings_pick_the_largest_grid_within_budget(base):
+    settings = base.pipeline.settings
+    for max_tiles, expected in [(None, 13), (17, 13), (13, 13), (12, 7), (7, 7), (6, 5), (5, 5), (4, 1), (1, 1)]:
+        chosen = budget_settings(settings, 600, 900, max_tiles)
+        assert plan_tiles(600, 900, chosen).n_tiles == expected, max_tiles
+
+
+def test_sequence_equals_reference_inputs_embeds(base, images):
+    """Text rows from the fp16 table and ONNX vision rows at the <image> slots vs the reference's merge."""
+    pipeline, paths = base.pipeline, [images["wide"], images["small"]]
+    messages = [user(None, "Compare with", None)]
+    encoded = [pipeline.encode_image(p, pipeline._begin()[1]) for p in paths]
+    prompt = pipeline.full_prompt(messages, encoded)
+    ours = build_sequence(prompt, pipeline.table, stack_rows([e.rows for e in encoded], pipeline.table.shape[1]))
+    ref = base.oracle.inputs_embeds(base.oracle.inputs(messages, paths))
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    image_rows = prompt.image_positions
+    text_rows = np.setdiff1d(np.arange(len(prompt)), image_rows)
+    # text rows differ only by the table's fp16 rounding; image rows by ONNX Runtime vs PyTorch arithmetic
+    assert cos.min() > 0.99999
+    assert np.abs(ours[text_rows] - ref[text_rows]).max() <= np.abs(ref[text_rows]).max() * 2**-10
+    assert np.abs(ours[image_rows] - ref[image_rows]).max() < 1e-4
+
+
+def test_sequence_count_check(base):
+    pipeline = base.pipeline
+    prompt = pipeline.full_prompt([user(None, Q)], [EncodedImage(TilePlan((512, 512), (512, 512), (512, 512), 0, 0, 512), None)])
+    hidden = pipeline.table.shape[1]
+    with pytest.raises(PromptError, match="64 image slots but the vision encoder gave 63 rows"):
+        build_sequence(prompt, pipeline.table, np.zeros((63, hidden), np.float32))
+    with pytest.raises(PromptError, match="hidden size"):
+        build_sequence(prompt, pipeline.table, np.zeros((64, hidden + 1), np.float32))
+
+
+def test_vision_cache_hits_skip_encoding(base, images):
+    pipeline = base.pipeline
+    pipeline.cache.clear()
+    first = pipeline.ask(Q, [images["tall"]], sampling=GREEDY).collect()
+    again = pipeline.ask(Q, [images["tall"]], sampling=GREEDY).collect()
+    assert (first.timings.images_cached, first.timings.vision_tiles) == (0, 13)
+    assert (again.timings.images_cached, again.timings.vision_tiles, again.timings.vision_ms) == (1, 0, 0.0)
+    assert again.token_ids == first.token_ids
+    other_budget = pipeline.ask(Q, [images["tall"]], sampling=GREEDY, max_tiles=5).collect()
+    assert other_budget.timings.images_cached == 0  # the tile settings are part of the key
+
+
+def test_vision_cache_is_bounded_lru():
+    cache = VisionCache(max_bytes=3 * 4000)
+    plan = TilePlan((10, 10), (10, 10), (10, 10), 0, 0, 10)
+    for key in "abcd":
+        cache.put(key, EncodedImage(plan, np.zeros((1, 10, 100), np.float32)))
+    assert len(cache) == 3 and cache.get("a") is None and cache.get("b").cached
+    cache.put("e", EncodedImage(plan, np.zeros((1, 10, 100), np.float32)))
+    assert cache.get("c") is None and cache.get("b") is not None  # b was used, so c went first
+    cache.put("huge", EncodedImage(plan, np.zeros((1, 10, 1000), np.float32)))
+    assert cache.get("huge") is None and len(cache) == 3
+
+
+# -- chat ---------------------------------------------------------------------------------------------
+
+
+def _reference_turn_two(setup, first_ids, generated, second_message, second_images, all_images):
+    """The reference's whole conversation at the token level: turn-one prompt, the answer as generated,
+    then the template's text after the answer (its end-of-turn piece and the new user turn)."""
+    processor = setup.oracle.processor
+    full = processor.apply_chat_template(
+        [user(None, Q), {"role": "assistant", "content": [{"type": "text", "text": MARK}]}, second_message],
+        add_generation_prompt=True)
+    tail = full.split(MARK)[1]
+    from PIL import Image
+
+    pil = [Image.open(p).convert("RGB") for p in second_images]
+    tail_ids = processor(text=tail, images=pil or None, return_tensors="pt")["input_ids"][0].tolist()
+    eos = processor.tokenizer.eos_token_id
+    assert tail_ids[0] == eos  # the template's end-of-turn piece starts with the end-of-turn token
+    answer = generated[:-1] if generated[-1] == eos else generated
+    ids = first_ids + answer + tail_ids
+    inputs = setup.oracle.inputs([user(*[None] * len(all_images))], all_images)  # pixel values of every image
+    import torch
+
+    inputs["input_ids"] = torch.tensor([ids])
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs, tail_ids
+
+
+def test_second_turn_after_end_of_turn_feeds_only_new_rows(stopping, images):
+    chat = stopping.pipeline.chat()
+    first = chat.send(Q, [images["wide"]], sampling=GREEDY)
+    answer1 = _check_parity(stopping, first, [user(None, Q)], [images["wide"]])
+    assert answer1.finish_reason == "stop" and answer1.token_ids[-1] in stopping.pipeline.eos_token_ids
+    assert 1 < len(answer1.token_ids) < MAX_NEW
+
+    second_message = user("And what colours do you see?")
+    second = chat.send("And what colours do you see?", sampling=GREEDY)
+    answer2 = second.collect()
+    inputs, tail_ids = _reference_turn_two(stopping, first.prompt.input_ids.tolist(), answer1.token_ids,
+                                           second_message, [], [images["wide"]])
+    assert second.prompt.input_ids.tolist() == tail_ids[1:]  # the cache already holds the end-of-turn token
+    assert answer2.timings.history_tokens == len(first.prompt) + len(answer1.token_ids)
+    assert answer2.token_ids == stopping.oracle.generate(inputs, MAX_NEW)
+
+
+def test_second_turn_with_an_image_after_max_new_tokens(stopping, images):
+    chat = stopping.pipeline.chat()
+    first = chat.send(Q, [images["wide"]], sampling=SamplingParams(max_new_tokens=2))
+    answer1 = first.collect()
+    assert answer1.finish_reason == "length" and len(answer1.token_ids) == 2
+
+    second = chat.send("Compare with this one.", [images["tall"]], sampling=GREEDY)
+    answer2 = second.collect()
+    inputs, tail_ids = _reference_turn_two(stopping, first.prompt.input_ids.tolist(), answer1.token_ids,
+                                           user(None, "Compare with this one."), [images["tall"]],
+                                           [images["wide"], images["tall"]])
+    assert second.prompt.input_ids.tolist() == tail_ids  # the whole end-of-turn piece, then the new turn
+    assert answer2.tiles_per_image == [13]
+    assert answer2.token_ids == stopping.oracle.generate(inputs, MAX_NEW)
+
+
+def test_turn_after_abort_refeeds_the_retemplated_conversation(stopping, images):
+    pipeline = stopping.pipeline
+    chat = pipeline.chat()
+    steps = []
+    for step in chat.send(Q, [images["wide"]], sampling=GREEDY):
+        steps.append(step)
+        pipeline.abort()
+    assert steps[-1].finish_reason == "abort" and len([s for s in steps if s.token_id is not None]) == 1
+    partial = "".join(s.text for s in steps)
+
+    second = chat.send("Try again.", sampling=GREEDY)
+    answer = second.collect()
+    messages = [user(None, Q), {"role": "assistant", "content": [{"type": "text", "text": partial.removeprefix(" ")}]},
+                user("Try again.")]
+    inputs = stopping.oracle.inputs(messages, [images["wide"]])
+    assert second.prompt.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    assert answer.timings.history_tokens == 0
+    assert answer.token_ids == stopping.oracle.generate(inputs, MAX_NEW)
+
+
+def test_continuation_text_matches_the_chat_template(base, images):
+    """With a natural answer, [turn-one ids, answer ids, end token, our continuation] is exactly the
+    reference processor's tokenization of the re-templated conversation."""
+    pipeline, processor = base.pipeline, base.oracle.processor
+    answer_text = "The image shows a cat on a red sofa."
+    second = user("How many people are in the photo?")
+    conversation = [user(None, Q), {"role": "assistant", "content": [{"type": "text", "text": answer_text}]}, second]
+    expected = base.oracle.inputs(conversation, [images["wide"]])["input_ids"][0].tolist()
+    first_ids = base.oracle.inputs([user(None, Q)], [images["wide"]])["input_ids"][0].tolist()
+    answer_ids = pipeline.tokenizer.encode(" " + answer_text, add_special_tokens=False).ids
+    eos = processor.tokenizer.eos_token_id
+    eos_text = pipeline.tokenizer.id_to_token(eos)
+    rest = pipeline.format.end_of_turn[len(eos_text):]
+    continuation = pipeline.continuation_prompt(rest, [second], [])
+    assert first_ids + answer_ids + [eos] + continuation.input_ids.tolist() == expected
+
+
+def test_context_limits(base, images):
+    small = Bundle.open(base.bundle)
+    small.manifest["decoder"]["max_context"] = 1000
+    with Pipeline(small, emulate=True) as pipeline:
+        with pytest.raises(PromptError, match=r"the prompt is \d+ tokens but the model's context holds 999"):
+            pipeline.ask(Q, [images["wide"], images["tall"]], sampling=GREEDY)
+        chat = pipeline.chat()
+        first = chat.send(Q, [images["wide"]], sampling=GREEDY).collect()
+        with pytest.raises(ContextFull, match="no longer fits"):
+            chat.send("And this one?", [images["tall"]], sampling=GREEDY)
+        # nothing changed: the conversation goes on
+        follow = chat.send("Thanks.", sampling=GREEDY).collect()
+        assert follow.timings.history_tokens == 877 + len(first.token_ids)
+        reply = chat.send("And this one?", [images["tall"]], sampling=GREEDY, on_overflow="reset")
+        answer = reply.collect()
+        assert answer.notices and "starting over" in answer.notices[0] and answer.timings.history_tokens == 0
+        fresh = pipeline.ask("And this one?", [images["tall"]], sampling=GREEDY).collect()
+        assert answer.token_ids == fresh.token_ids
