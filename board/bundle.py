@@ -110,7 +110,42 @@ class Bundle:
             )
         if verify:
             bundle.verify(bundle.board_files())
+        bundle.check_consistency()
         return bundle
+
+    def check_consistency(self) -> None:
+        """The settings agree with each other and with the embedding table's header (cheap: no data read).
+
+        A checksum only proves a file is the one the manifest names; this catches a manifest whose
+        numbers disagree (hand-edited, or written by a broken converter) before the board feeds a
+        wrongly shaped sequence to the NPU runtime.
+        """
+        m = self.manifest
+        try:
+            hidden = int(m[K_DECODER]["hidden_size"])
+            int(m[K_DECODER]["max_context"])
+            spec_shape = [int(v) for v in m[K_EMBEDDINGS]["shape"]]
+            spec_dtype = str(m[K_EMBEDDINGS]["dtype"])
+            image_id = int(m[K_TOKENIZER]["image_token_id"])
+            eos_ids = [int(t) for t in m[K_GENERATION]["eos_token_ids"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"the manifest lacks or garbles a setting: {exc!r}", hint=_REBUILD_HINT) from exc
+        if len(spec_shape) != 2 or spec_shape[1] != hidden or spec_dtype != "float16":
+            raise BundleError(
+                f"the manifest's embedding table is {spec_dtype} {spec_shape}, but the decoder needs "
+                f"float16 [vocab, {hidden}]",
+                hint=_REBUILD_HINT,
+            )
+        vocab = spec_shape[0]
+        bad = [t for t in [image_id, *eos_ids] if not 0 <= t < vocab]
+        if bad or not eos_ids:
+            raise BundleError(
+                f"the manifest's token ids {bad or eos_ids} do not fit the {vocab}-row embedding table"
+                + ("" if eos_ids else " (no end-of-answer id)"),
+                hint=_REBUILD_HINT,
+            )
+        self.embeddings()  # its header against the manifest
+
 
     def board_files(self) -> list[str]:
         """The files the board needs (everything outside host/)."""

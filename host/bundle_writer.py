@@ -68,10 +68,13 @@ def tokenizer_section(tokenizer, fmt: PromptFormat) -> dict[str, Any]:
     }
 
 
-def eos_token_ids(checkpoint: Checkpoint, tokenizer) -> list[int]:
-    """End-of-turn ids: the generation config's (SmolVLM: <end_of_utterance>), else the tokenizer's eos.
+def eos_token_ids(checkpoint: Checkpoint, tokenizer, end_of_turn_id: Optional[int] = None) -> list[int]:
+    """The ids that end an answer: the chat template's end-of-turn token first when known
+    (host.decoder_export.end_of_turn_token_id: <end_of_utterance> for SmolVLM), then the generation
+    config's eos and the tokenizer's eos.
 
-    A wrong EOS is a known cause of never-ending answers on boards, so both sources are merged.
+    A wrong EOS is a known cause of never-ending answers on boards, so every source is merged; an
+    extra stop id (an older upload's <|im_end|>) only ends an answer that is over anyway.
     """
     ids: list[int] = []
     gen_path = checkpoint.path / "generation_config.json"
@@ -80,7 +83,8 @@ def eos_token_ids(checkpoint: Checkpoint, tokenizer) -> list[int]:
         ids.extend([eos] if isinstance(eos, int) else list(eos or []))
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    return sorted(set(int(i) for i in ids))
+    rest = sorted(set(int(i) for i in ids) - {end_of_turn_id})
+    return ([int(end_of_turn_id)] if end_of_turn_id is not None else []) + rest
 
 
 def model_section(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -96,6 +100,72 @@ def model_section(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def embeddings_section(table: np.ndarray) -> dict[str, Any]:
     return {"file": B.EMBEDDINGS, "dtype": str(table.dtype), "shape": list(table.shape)}
+
+
+def vision_section(report: dict[str, Any]) -> dict[str, Any]:
+    """What the board needs to feed vision.rknn and what the build measured (host.vision_rknn's report)."""
+    geometry = report["geometry"]  # host.vision_export.VisionGeometry's fields
+    tile = int(geometry["tile"])
+    tokens = (tile // int(geometry["patch"])) ** 2 // int(geometry["scale_factor"]) ** 2
+    accuracy = report["accuracy"]
+    return {
+        "file": B.VISION_RKNN,
+        "onnx": B.VISION_ONNX,
+        "dtype": report["dtype"],
+        "layout": report["layout"],
+        "tile": tile,
+        "tokens_per_tile": tokens,
+        "input": {"shape": [1, tile, tile, 3], "dtype": "uint8", "format": "nhwc", "color": "rgb"},
+        "output_shape": [1, tokens, int(geometry["text_hidden"])],
+        "target_platform": report["target_platform"],
+        "quantization": report.get("quantization"),
+        "accuracy": {k: accuracy[k] for k in ("cosine_min", "cosine_mean", "threshold", "tiles")},
+        "est_cycles_per_tile": report.get("ops", {}).get("est_cycles_per_tile"),
+    }
+
+
+def decoder_section(hf_config: dict[str, Any], *, max_context: int, rkllm: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The decoder's shape (from the extracted folder's config.json) and, when built, how decoder.rkllm was made."""
+    section: dict[str, Any] = {
+        "file": B.DECODER_RKLLM if rkllm else None,
+        "hf_folder": B.DECODER_HF,
+        "hidden_size": int(hf_config["hidden_size"]),
+        "vocab_size": int(hf_config["vocab_size"]),
+        "num_hidden_layers": int(hf_config["num_hidden_layers"]),
+        "max_context": int(max_context),
+        "max_position_embeddings": int(hf_config["max_position_embeddings"]),
+    }
+    if rkllm:
+        options = rkllm["options"]
+        section.update(
+            toolkit=rkllm.get("toolkit"),
+            quantized_dtype=options["quantized_dtype"],
+            quantized_algorithm=options["quantized_algorithm"],
+            target_platform=options["target_platform"],
+            num_npu_core=options["num_npu_core"],
+            accuracy={k: v for k, v in (rkllm.get("accuracy") or {}).items() if k not in ("samples", "not_measured")},
+        )
+    else:
+        section["missing"] = "converted with --skip-decoder: no decoder.rkllm (x86 emulation uses hf_folder)"
+    return section
+
+
+def video_section(checkpoint: Checkpoint) -> Optional[dict[str, Any]]:
+    """SmolVLM2's video settings (board/video.py reads them): the checkpoint's video_sampling and the
+    reference processor's prompt pieces. None for checkpoints without video (SmolVLM v1)."""
+    sampling = checkpoint.preprocessor.get("video_sampling")
+    if not sampling:
+        return None
+    from transformers.models.smolvlm import processing_smolvlm as ref
+
+    return {
+        "fps": sampling["fps"],
+        "max_frames": sampling["max_frames"],
+        "video_size": sampling["video_size"],
+        "intro": ref.DEFAULT_VIDEO_INTRO,
+        "frame_timestamp": ref.FRAME_TIMESTAMP_MESSAGE,
+        "outro": ref.DEFAULT_MEDIA_OUTTRO,
+    }
 
 
 def write_manifest(

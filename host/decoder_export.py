@@ -9,7 +9,8 @@ SmolVLM's text config also carries perceiver/resampler leftovers that other read
 The end-of-turn token becomes the EOS: the SmolVLM checkpoints' text config says eos = 2
 (`<|im_end|>`), but the model ends its answers with `<end_of_utterance>`; a board that waits for the
 wrong id never stops talking. The id is read off the chat template's end-of-turn piece through the
-checkpoint's own tokenizer and cross-checked with its generation config, never typed in code.
+checkpoint's own tokenizer, never typed in code, and comes first in the EOS list
+(host.bundle_writer.eos_token_ids merges the generation config's and the tokenizer's eos after it).
 
 Tied embeddings stay tied (the config says so and `lm_head` is the embedding table, as in the
 source); untied checkpoints get their own `lm_head.weight`. Weights keep the checkpoint's stored
@@ -50,26 +51,6 @@ def end_of_turn_token_id(fmt: PromptFormat, tokenizer: Any) -> int:
             hint="this tool needs an end-of-turn token the decoder can stop on (SmolVLM: <end_of_utterance>)",
         )
     return first
-
-
-def generation_eos_ids(checkpoint_dir: Path) -> list[int]:
-    """eos_token_id from the checkpoint's generation_config.json (an int or a list), if any."""
-    path = Path(checkpoint_dir) / "generation_config.json"
-    if not path.exists():
-        return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return [int(eos)] if isinstance(eos, int) else [int(i) for i in eos or []]
-
-
-def stop_token_ids(end_of_turn_id: int, checkpoint_dir: Path) -> list[int]:
-    """End-of-turn first, then any other eos the checkpoint's generation config names.
-
-    The published SmolVLM generation configs say <end_of_utterance>; an older upload said <|im_end|>,
-    which is kept as an extra stop (harmless) rather than trusted as the only one.
-    """
-    ids = [end_of_turn_id]
-    ids += [i for i in generation_eos_ids(checkpoint_dir) if i not in ids]
-    return ids
 
 
 def source_dtype(config: dict[str, Any]) -> str:
