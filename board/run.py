@@ -167,7 +167,7 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
                 return 0
             except KeyboardInterrupt:
                 print(file=sys.stderr)
-                return 0
+                return EXIT_INTERRUPTED
         line = line.strip()
         if not line:
             continue
@@ -199,7 +199,7 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
             reply = chat.send(line, images, video=video, sampling=sampling, max_tiles=args.max_tiles,
                               on_overflow="reset")
             images, video = [], None
-            answer = stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
+            stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
             return EXIT_INTERRUPTED
@@ -208,9 +208,6 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
                 raise
             print(f"error: {err}", file=sys.stderr)
             images, video = [], None
-            continue
-        if answer.finish_reason == "abort" and not interactive:
-            return EXIT_INTERRUPTED
 
 
 def _recoverable(err: SmolVLMError) -> bool:

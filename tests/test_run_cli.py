@@ -1,0 +1,239 @@
+"""`python board/run.py` as a user runs it: a subprocess, from the repository and from a copied folder.
+
+Emulation on a tiny bundle: the --json answer equals transformers' generate(); chat over stdin; Ctrl-C
+stops an answer and a second one exits; every error is one plain message with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from board.errors import ImageError, PromptError  # noqa: E402
+from board.run import build_parser, main, sampling_from_args  # noqa: E402
+from test_pipeline_support import ROOT, Oracle, images, json_answer, run_cli, tiny_bundle_for  # noqa: E402,F401
+
+Q = "What is in this image?"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_checkpoint):
+    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
+
+
+def _error_line(result, status=1):
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_json_answer_equals_reference_generate(bundle, images, tiny_checkpoint):
+    result = run_cli("--bundle", str(bundle), "--emulate", "--json", "--max-new-tokens", "12",
+                     "--image", str(images["wide"]), "--image", str(images["small"]), Q)
+    answer = json_answer(result)
+    assert result.stdout.count("\n") == 1  # one JSON object
+    oracle = Oracle(tiny_checkpoint("256m"))
+    inputs = oracle.inputs([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                          {"type": "text", "text": Q}]}], [images["wide"], images["small"]])
+    assert answer["token_ids"] == oracle.generate(inputs, 12)
+    assert answer["tiles_per_image"] == [13, 17]
+    timings = answer["timings"]
+    for key in ("load_ms", "tiles_ms", "vision_ms_per_tile", "prefill_ms", "prefill_tok_s", "decode_tok_s",
+                "ttft_ms", "peak_rss_mb", "prompt_tokens"):
+        assert timings[key] > 0, key
+    assert answer["model"]["vision"] == "onnxruntime" and answer["model"]["decoder"] == "TorchDecoder"
+    assert isinstance(answer["text"], str) and answer["finish_reason"] in ("stop", "length")
+
+
+def test_runs_from_a_copied_folder(bundle, tmp_path):
+    """board/ copied anywhere runs as a script, importing its own package (not the repository's)."""
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "board", app / "board", ignore=shutil.ignore_patterns("__pycache__"))
+    (app / "board" / "MARK").write_text("copy")
+    probe = ("import sys, runpy; sys.argv = [sys.argv[1], '--help']; "
+             "import atexit; atexit.register(lambda: print('BOARD_FROM', sys.modules['board'].__file__)); "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", probe, str(app / "board" / "run.py")], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert f"BOARD_FROM {app / 'board' / '__init__.py'}" in result.stdout, result.stdout + result.stderr
+    answer = json_answer(subprocess.run(
+        [sys.executable, str(app / "board" / "run.py"), "--bundle", str(bundle), "--emulate", "--json",
+         "--max-new-tokens", "3", "Hello"], capture_output=True, text=True, cwd=tmp_path))
+    assert len(answer["token_ids"]) <= 3
+
+
+def test_console_entry_point_is_declared_and_installed():
+    cfg = (ROOT / "setup.cfg").read_text()
+    assert "smolvlm-run = board.run:main" in cfg
+    script = shutil.which("smolvlm-run", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the package is not installed in this environment (scripts/setup.sh installs it)")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--emulate" in result.stdout
+
+
+def test_help_explains_the_flags():
+    text = build_parser().format_help()
+    for flag in ("--bundle", "--image", "--video", "--chat", "--json", "--emulate", "--no-verify", "--npu-cores",
+                 "--max-tiles", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repeat-penalty",
+                 "--seed", "/image PATH", "/reset", "Ctrl-C"):
+        assert flag in text, flag
+
+
+def test_sampling_flags():
+    parse = build_parser().parse_args
+    greedy = sampling_from_args(parse(["--bundle", "b", "q"]))
+    assert greedy.greedy and greedy.max_new_tokens == 512
+    sampled = sampling_from_args(parse(["--bundle", "b", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3",
+                                        "--repeat-penalty", "1.1", "q"]))
+    assert not sampled.greedy and (sampled.top_k, sampled.top_p, sampled.temperature, sampled.seed,
+                                   sampled.repeat_penalty) == (40, 0.9, 0.7, 3, 1.1)
+    assert sampling_from_args(parse(["--bundle", "b", "--temperature", "0.7", "--top-k", "1", "q"])).greedy
+
+
+def test_seeded_sampling_is_reproducible(bundle):
+    args = ["--bundle", str(bundle), "--emulate", "--no-verify", "--temperature", "0.9", "--seed", "7",
+            "--max-new-tokens", "6", "Tell me a story."]
+    outputs = []
+    for _ in range(2):
+        buffer = _capture(main, [*args, "--json"])
+        outputs.append(json.loads(buffer)["token_ids"])
+    assert outputs[0] == outputs[1] and len(outputs[0]) >= 1
+
+
+def _capture(fn, argv):
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert fn(argv) == 0
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["missing-bundle", "not-an-image", "missing-image", "prompt-too-long",
+                                  "no-question", "board-without-decoder"])
+def test_errors_are_one_plain_message(case, bundle, images, tmp_path, capsys):
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is not a picture")
+    base = ["--bundle", str(bundle), "--emulate", "--no-verify"]
+    argv, expected, status = {
+        "missing-bundle": (["--bundle", str(tmp_path / "nope"), "--emulate", "hi"], "bundle folder not found", 1),
+        "not-an-image": ([*base, "--image", str(not_image), "hi"], "not an image", 1),
+        "missing-image": ([*base, "--image", str(tmp_path / "gone.png"), "hi"], "image file not found", 1),
+        "prompt-too-long": ([*base, *["--image", str(images["wide"])] * 5, "hi"],
+                            "tokens but the model's context holds 4095", 1),
+        "no-question": ([*base], "give a question", 2),
+        "board-without-decoder": (["--bundle", str(bundle), "hi"], "has no decoder.rkllm", 1),
+    }[case]
+    if case == "missing-bundle":  # one of them as a real subprocess; the rest in-process (no torch start-up each)
+        stderr = _error_line(run_cli(*argv), status)
+    else:
+        assert main(argv) == status
+        stderr = capsys.readouterr().err
+        assert "Traceback" not in stderr
+    first = stderr.strip().splitlines()[0]
+    assert expected in first, stderr
+    assert len(stderr.strip().splitlines()) <= 2  # the message, and a hint line when there is one
+
+
+def test_api_errors_are_typed(bundle, images, tmp_path):
+    from board.pipeline import Pipeline
+
+    with Pipeline(bundle, emulate=True, verify=False) as pipeline:
+        with pytest.raises(ImageError):
+            pipeline.ask("hi", [tmp_path / "gone.png"])
+        with pytest.raises(PromptError):
+            pipeline.ask("hi", [images["wide"]] * 5)
+
+
+def test_chat_over_stdin(bundle, images):
+    script = f"/image {images['small']}\n{Q}\nAnd the colours?\n/reset\nHello.\n"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "board" / "run.py"), "--bundle", str(bundle), "--emulate", "--no-verify",
+         "--chat", "--json", "--max-new-tokens", "4"],
+        input=script, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(turns) == 3
+    assert turns[0]["tiles_per_image"] == [17] and turns[0]["timings"]["history_tokens"] == 0
+    assert turns[1]["tiles_per_image"] == [] and turns[1]["timings"]["history_tokens"] > 0
+    assert turns[2]["timings"]["history_tokens"] == 0  # /reset started over
+
+    from board.pipeline import Pipeline
+    from board.decoder import SamplingParams
+
+    with Pipeline(bundle, emulate=True, verify=False) as pipeline:
+        chat = pipeline.chat()
+        params = SamplingParams(max_new_tokens=4)
+        expected = [chat.send(Q, [images["small"]], sampling=params).collect().token_ids,
+                    chat.send("And the colours?", sampling=params).collect().token_ids]
+    assert [t["token_ids"] for t in turns[:2]] == expected
+
+
+def _start_long_answer(bundle, extra=()):
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "board" / "run.py"), "--bundle", str(bundle), "--emulate", "--no-verify",
+         "--max-new-tokens", "3000", *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return process
+
+
+def _wait_for_output(process, timeout=120):
+    import os
+    import select
+
+    deadline = time.monotonic() + timeout
+    fd = process.stdout.fileno()
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready and os.read(fd, 1):
+            return
+        assert process.poll() is None, process.stderr.read()
+    raise AssertionError("no answer text within the timeout")
+
+
+def _drain(process):
+    import os
+    import select
+
+    fd = process.stdout.fileno()
+    while select.select([fd], [], [], 0.5)[0] and os.read(fd, 4096):
+        pass
+
+
+def test_ctrl_c_stops_the_answer(bundle):
+    process = _start_long_answer(bundle, ["Tell me a very long story."])
+    _wait_for_output(process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "(stopped)" in stderr and "Traceback" not in stderr
+
+
+def test_ctrl_c_in_chat_stops_the_answer_then_a_second_exits(bundle):
+    process = _start_long_answer(bundle, ["--chat"])
+    process.stdin.write("Tell me a very long story.\n")
+    process.stdin.flush()
+    _wait_for_output(process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert process.poll() is None  # the first Ctrl-C only stopped the answer
+    _drain(process)
+    process.stdin.write("Tell me another one.\n")
+    process.stdin.flush()
+    _wait_for_output(process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.count("(stopped)") >= 1 and "Traceback" not in stderr
