@@ -81,12 +81,19 @@ class TorchDecoder:
             raise RuntimeUnavailable(
                 f"--emulate needs torch and transformers: {exc}", hint="run scripts/setup.sh (the host extra)"
             ) from exc
+        from transformers.utils import logging as hf_logging
+
         self._torch = torch
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a runtime's load is silent; the CLI's stderr is for the user
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise BundleError(f"the emulation decoder in {model_dir} cannot be loaded: {exc}",
                               hint="re-create the bundle with host.convert") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model = model.eval()
         self.hidden_size = int(self.model.config.hidden_size)
         if hidden_size is not None and hidden_size != self.hidden_size:

@@ -220,7 +220,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = sys.stdout
     if args.emulate:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the CLI's stderr is for the user
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         if args.checks:
             results = run_checks(emulate=args.emulate, library_dirs=[args.bundle])
