@@ -168,6 +168,11 @@ class SequenceBuilder:
         self._tiled: dict[tuple[Path, Optional[int]], TiledImage] = {}
         self._features: dict[tuple[Path, Optional[int]], np.ndarray] = {}
 
+    @property
+    def reference_tiles(self) -> int:
+        """Tiles run through the vision tower so far (the budgeted cost; repeats are served from a cache)."""
+        return sum(len(f) for f in self._features.values())
+
     def split(self, path: Path, max_tiles: Optional[int]) -> TiledImage:
         key = (path, max_tiles)
         if key not in self._tiled:
@@ -394,6 +399,7 @@ def build_decoder_calibration(
         "image_samples": sum(s.kind == "image" for s in samples),
         "text_samples": sum(s.kind == "text" for s in samples),
         "tiles": sum(s.tiles for s in samples),
+        "reference_tiles": builder.reference_tiles,
         "tokens": sum(s.tokens for s in samples),
         "max_sample_tokens": max(s.tokens for s in samples),
         "hidden_size": hidden,

@@ -104,14 +104,15 @@ def export_decoder(model: Any, tokenizer: Any, out_dir: str | Path, *, eos_ids: 
         text_model.config, tie_word_embeddings=tied, eos_ids=eos_ids,
         bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id, dtype=dtype,
     )
-    state = {f"model.{k}": v for k, v in text_model.state_dict().items()}
-    state["lm_head.weight"] = model.lm_head.weight
+    # copies in the target dtype: the source model must stay untouched (it is still in use)
+    target = getattr(torch, dtype)
+    state = {f"model.{k}": v.detach().to(target, copy=True) for k, v in text_model.state_dict().items()}
+    state["lm_head.weight"] = model.lm_head.weight.detach().to(target, copy=True)
     with torch.device("meta"):
         llama = LlamaForCausalLM(config)
     llama.load_state_dict(state, strict=True, assign=True)
     if tied:
         llama.tie_weights()
-    llama = llama.to(getattr(torch, dtype)).eval()
     llama.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
     )
