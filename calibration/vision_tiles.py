@@ -99,14 +99,14 @@ def write_dataset(tiles: np.ndarray, to_array: Callable[[np.ndarray], np.ndarray
 
 def main(argv: Sequence[str] | None = None) -> int:
     from host.checkpoint import load_checkpoint
-    from host.vision_export import get_layout
+    from host.vision_export import LAYOUTS, get_layout
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", help="image files or folders (default: the shipped calibration set)")
     parser.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id (for the splitting settings)")
     parser.add_argument("--out", required=True, help="output folder for the .npy files and dataset.txt")
     parser.add_argument("--per-image", type=int, default=2, help="tiles taken from each image (global view first)")
-    parser.add_argument("--layout", default="conv", help="vision input layout the tiles are written for")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default="conv", help="vision input layout the tiles are for")
     args = parser.parse_args(argv)
     settings = SplitSettings.from_preprocessor(load_checkpoint(args.model).preprocessor)
     images = find_images(args.images) if args.images else default_images("calibration")

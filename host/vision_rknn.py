@@ -43,6 +43,7 @@ import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from board.tiles import SplitSettings
+from host.vision_export import LAYOUTS, agreement
 
 TARGET_PLATFORM = "rk3588"
 DEFAULT_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
@@ -446,8 +447,6 @@ def build_vision_rknn(
                 with _redirect_output(log, "release"):
                     rknn.release()
 
-    from host.vision_export import agreement
-
     accuracy = agreement(np.stack(outputs), reference)
     accuracy.update(threshold=options.threshold, passed=accuracy["cosine_min"] >= options.threshold,
                     simulator_s_per_tile=round(sim_s, 2))
@@ -595,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert a SmolVLM vision tower + connector to RKNN for the RK3588.")
     parser.add_argument("--model", required=True, help="Hugging Face id or checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder (vision.onnx, vision.rknn, its JSON reports and log)")
-    parser.add_argument("--layout", default="conv", help="vision input layout")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default="conv", help="how a tile enters the vision graph")
     parser.add_argument("--calibration", nargs="+", help="calibration images or folders (default: the shipped set)")
     parser.add_argument("--holdout", nargs="+", help="held-out images or folders (default: the shipped set)")
     parser.add_argument("--calibration-per-image", type=int, default=2)
