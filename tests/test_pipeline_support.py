@@ -89,7 +89,7 @@ def build_bundle(root: Path, checkpoint_path: Path, *, skip_rknn: bool = False, 
 
 def tiny_bundle_for(tmp_path_factory: Any, tiny_checkpoint: Any, family: str = "256m", **kwargs: Any) -> Path:
     """A bundle per (family, options), built once per test session and shared by every module."""
-    key = (family, tuple(sorted(kwargs.items())))
+    key = (family, json.dumps(kwargs, sort_keys=True))
     if key not in _BUILT:
         root = tmp_path_factory.mktemp(f"bundle-{family}")
         _BUILT[key] = build_bundle(root, tiny_checkpoint(family), skip_rknn=True, **kwargs)
