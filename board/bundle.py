@@ -145,6 +145,12 @@ class Bundle:
                 hint=_REBUILD_HINT,
             )
         self.embeddings()  # its header against the manifest
+        self.prompt_format  # complete, or a BundleError
+        try:
+            self.split_settings
+        except BundleError as exc:
+            raise BundleError(f"the manifest's preprocessor settings are unusable: {exc.message}",
+                              hint=_REBUILD_HINT) from exc
 
 
     def board_files(self) -> list[str]:

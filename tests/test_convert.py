@@ -1,0 +1,174 @@
+"""`python -m host.convert` end to end on the embedded tiny model, as a user runs it: the real rknn-toolkit2
+build, the bundle the board opens, resumable stages, and plain errors (rkllm-toolkit absent here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+try:
+    from host.vision_rknn import require_rknn_toolkit
+
+    require_rknn_toolkit()
+except Exception as exc:  # the vision stage needs the real toolkit; say why these tests do not run
+    pytest.skip(f"rknn-toolkit2 unavailable: {exc}", allow_module_level=True)
+
+from board import bundle as B  # noqa: E402
+from host import convert  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _rkllm_importable() -> bool:
+    try:
+        import rkllm.api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_convert(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "host.convert", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convert") / "demo-bundle"
+    t0 = time.monotonic()
+    result = run_convert("--tiny", "256m", "--out", str(out), "--skip-decoder")
+    return {"out": out, "result": result, "seconds": time.monotonic() - t0}
+
+
+def test_tiny_end_to_end_without_rkllm_toolkit(first_run):
+    out, result = first_run["out"], first_run["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for stage in ("text", "decoder", "vision", "manifest", "self-check"):
+        assert f"{stage} done in" in result.stderr, stage
+    assert "calibration  not run (--skip-decoder)" in result.stderr and "random-weight" in result.stderr
+
+    bundle = B.Bundle.open(out)
+    assert bundle.is_tiny and not bundle.has_decoder and bundle.max_context == convert.DEFAULT_MAX_CONTEXT
+    assert bundle.vision["dtype"] == "fp16" and bundle.vision["accuracy"]["cosine_min"] >= 0.999
+    assert bundle.vision["tokens_per_tile"] == bundle.prompt_format.image_seq_len == 64
+    assert (out / B.VISION_ONNX).is_file() and (out / B.DECODER_HF / "config.json").is_file()
+    assert bundle.verify_host_files(B.DECODER_HF) and bundle.verify_host_files(B.VISION_ONNX)
+    assert not (out / B.DECODER_RKLLM).exists()
+
+    report = json.loads((out / convert.REPORT).read_text())
+    assert report["decoder_equivalence_max_abs_diff"] <= convert.DECODER_MAX_ABS_DIFF
+    assert report["self_check"]["image_prompt_tokens"] > 64 and report["self_check"]["pixel_max_abs_diff"] < 0.1
+    for stage in ("text", "decoder", "vision", "manifest", "self-check"):
+        row = report["stages"][stage]
+        assert row["status"] == "ran" and row["seconds"] >= 0 and row["peak_rss_mb"] > 0
+    assert report["peak_rss_mb"] > 0 and report["total_seconds"] > 0
+
+
+def test_second_run_skips_finished_stages(first_run):
+    out = first_run["out"]
+    assert first_run["result"].returncode == 0
+    before = {rel: (out / rel).stat().st_mtime_ns for rel in (B.VISION_RKNN, B.EMBEDDINGS, B.VISION_ONNX)}
+    result = run_convert("--tiny", "256m", "--out", str(out), "--skip-decoder")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("text", "decoder", "vision"):
+        assert f"{stage}: done earlier with the same inputs, skipped" in result.stderr
+    assert "self-check done in" in result.stderr
+    assert before == {rel: (out / rel).stat().st_mtime_ns for rel in before}
+    report = json.loads((out / convert.REPORT).read_text())
+    assert report["stages"]["vision"]["status"] == "skipped" and report["stages"]["manifest"]["status"] == "ran"
+    B.Bundle.open(out)
+
+
+def test_changed_options_redo_only_what_they_affect(first_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(first_run["out"], out)
+    # the context length only changes the manifest
+    result = run_convert("--tiny", "256m", "--out", str(out), "--skip-decoder", "--max-context", "2048")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vision: done earlier" in result.stderr
+    assert B.Bundle.open(out).max_context == 2048
+    # a vision option redoes the vision stage, and nothing before it
+    result = run_convert("--tiny", "256m", "--out", str(out), "--skip-decoder", "--vision-min-cosine", "0.99")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vision done in" in result.stderr and "decoder: done earlier" in result.stderr
+    # --force redoes everything
+    result = run_convert("--tiny", "256m", "--out", str(out), "--skip-decoder", "--force", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / convert.REPORT).read_text())
+    assert all(report["stages"][s]["status"] == "ran" for s in ("text", "decoder", "vision"))
+
+
+@pytest.mark.skipif(_rkllm_importable(), reason="rkllm-toolkit is installed here: the decoder builds")
+def test_without_skip_decoder_says_how_to_get_rkllm_toolkit(tmp_path, capsys):
+    code = convert.main(["--tiny", "256m", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "rkllm-toolkit 1.3.0 is not installed" in err
+    for words in ("airockchip/rknn-llm", "rkllm-toolkit/packages/", "--no-deps", "torch", "--skip-decoder"):
+        assert words in err, words
+    assert not (tmp_path / "b" / B.VISION_RKNN).exists(), "fails before any long stage starts"
+
+
+def test_the_cli_fails_plainly(tmp_path):
+    result = run_convert("--tiny", "256m", "--out", str(tmp_path / "b"), "--skip-decoder", "--max-context", "1000")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "multiple of 32" in result.stderr and "try --max-context 992" in result.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-context", "16384"], "exceeds the model's trained context (8192 positions)"),
+    (["--max-context", "lots"], "must be a whole number"),
+    (["--calibration", "{tmp}"], "no images"),
+])
+def test_bad_options(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = convert.main(["--tiny", "256m", "--out", str(tmp_path / "b"), "--skip-decoder", *argv])
+    assert code == 1 and message in capsys.readouterr().err
+
+
+def test_bad_model_path(tmp_path, capsys):
+    code = convert.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "b"), "--skip-decoder"])
+    assert code == 1 and "not a checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    code = convert.main(["--tiny", "256m", "--out", str(tmp_path / "file"), "--skip-decoder"])
+    assert code == 1 and "is not a folder" in capsys.readouterr().err
+
+
+def test_help_and_exclusive_sources(capsys):
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--tiny", "--out", "--skip-decoder", "--max-context", "--vision-dtype", "--calibration",
+                 "--force", "rkllm-toolkit"):
+        assert flag in text, flag
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--model", "x", "--tiny", "256m", "--out", "y"])
+    assert info.value.code == 2
+
+
+def test_self_check_refuses_a_bundle_that_does_not_reproduce_the_reference(first_run, tmp_path):
+    """A prompt format that renders differently from the checkpoint's template must fail loudly."""
+    import argparse
+
+    out = tmp_path / "copy"
+    shutil.copytree(first_run["out"], out)
+    manifest = json.loads((out / B.MANIFEST).read_text())
+    manifest[B.K_PROMPT]["generation_prompt"] += " "
+    (out / B.MANIFEST).write_text(json.dumps(manifest))
+    args = argparse.Namespace(tiny="256m", model=None, revision=None, calibration=None)
+    job = convert.Job(args, out, convert.Log(quiet=True))
+    with pytest.raises(convert.SelfCheckError, match="token ids"):
+        convert.stage_self_check(job)
