@@ -22,11 +22,11 @@ from board.pipeline import ContextFull, Pipeline, budget_settings  # noqa: E402
 from board.sequence import build_sequence, stack_rows  # noqa: E402
 from board.tiles import TilePlan, plan_tiles  # noqa: E402
 from board.vision import EncodedImage, VisionCache  # noqa: E402
-from test_pipeline_support import Oracle, build_bundle, images, stopping_checkpoint, tiny_bundle_for  # noqa: E402,F401
+from test_pipeline_support import CHAT_QUESTION as Q  # noqa: E402
+from test_pipeline_support import Oracle, images, stopping_video_setup, tiny_bundle_for  # noqa: E402,F401
 
 MAX_NEW = 16
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
-Q = "What is in this image?"
 MARK = "\x1fanswer\x1f"
 
 
@@ -42,16 +42,11 @@ def base(tmp_path_factory, tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def stopping(base, images, tmp_path_factory):
+def stopping(images, tmp_path_factory, tiny_checkpoint):
     """A checkpoint whose greedy answer to the first chat turn ends with <end_of_utterance> after 3 tokens."""
-    inputs = base.oracle.inputs([user(None, Q)], [images["wide"]])
-    generated = base.oracle.generate(inputs, 6)
-    token = next(t for i, t in enumerate(generated) if i >= 3 and t not in generated[:i])
-    root = tmp_path_factory.mktemp("stopping")
-    checkpoint = stopping_checkpoint(base.oracle.checkpoint.path, root / "ckpt", token)
-    bundle = build_bundle(root / "bundle", checkpoint, skip_rknn=True)
-    with Pipeline(bundle, emulate=True) as pipeline:
-        yield SimpleNamespace(bundle=bundle, pipeline=pipeline, oracle=Oracle(checkpoint))
+    variant = stopping_video_setup(tmp_path_factory, tiny_checkpoint, images["wide"])
+    with Pipeline(variant.bundle, emulate=True) as pipeline:
+        yield SimpleNamespace(bundle=variant.bundle, pipeline=pipeline, oracle=Oracle(variant.checkpoint))
 
 
 def _check_parity(setup, reply, messages, image_paths, max_new=MAX_NEW):

@@ -1,10 +1,8 @@
-"""Tiny bundles for the pipeline tests, built once per session, and the transformers oracle beside them.
+"""Tiny bundles for the pipeline tests, converted once per session with host.convert, and the
+transformers oracle beside them.
 
-Until host.convert lands, a bundle is assembled here from the same host pieces it will use: the tiny
-checkpoint, the one-tile ONNX export (host.vision_export), a real fp16 vision.rknn from rknn-toolkit2
-(host.vision_rknn; it is never run in these tests, the board runs it), the text model extracted
-to a standalone Llama folder, the fp16 embedding table, tokenizer.json and host.bundle_writer's
-manifest. Emulation reads host/vision.onnx and host/decoder only.
+`python -m host.convert --skip-decoder` makes what an x86 user has: the board files (a real fp16
+vision.rknn, never run here), host/vision.onnx and host/decoder, which emulation runs.
 """
 
 from __future__ import annotations
@@ -12,88 +10,66 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_BUILT: dict[tuple, Path] = {}
+_BUILT: dict[str, Any] = {}
+CHAT_QUESTION = "What is in this image?"
 
 
-def _extract_decoder(model: Any, out: Path) -> None:
-    """The checkpoint's text model + lm_head as a standalone LlamaForCausalLM folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def convert_bundle(checkpoint_path: Path, out: Path) -> Path:
+    """host.convert on a checkpoint folder, as a user runs it on x86 (no rkllm-toolkit: --skip-decoder)."""
+    from host import convert
 
-    text_cfg = model.config.text_config.to_dict()
-    for key in ("architectures", "model_type", "transformers_version", "_name_or_path"):
-        text_cfg.pop(key, None)
-    config = LlamaConfig(**text_cfg)
-    llama = LlamaForCausalLM(config).eval()
-    state = {f"model.{k}": v for k, v in model.model.text_model.state_dict().items()}
-    state["lm_head.weight"] = model.lm_head.weight
-    missing, unexpected = llama.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    with torch.no_grad():
-        llama.save_pretrained(out)
+    assert convert.main(["--model", str(checkpoint_path), "--out", str(out), "--skip-decoder", "--quiet"]) == 0
+    return out
 
 
-def build_bundle(root: Path, checkpoint_path: Path, *, skip_rknn: bool = False, video: dict | None = None) -> Path:
-    """A bundle folder for `checkpoint_path` (see the module docstring)."""
-    from board import bundle as B
-    from board.tiles import SplitSettings
-    from host.bundle_writer import (
-        embeddings_section, eos_token_ids, model_section, package_version, tokenizer_section, write_manifest,
-    )
-    from host.checkpoint import load_checkpoint
-    from host.prompt_format import prompt_format_from_processor, tokenizer_json
-    from host.vision_export import export_onnx, vision_tower
-
-    ck = load_checkpoint(checkpoint_path)
-    processor = ck.load_processor()
-    model = ck.load_model()
-    fmt = prompt_format_from_processor(processor, ck.chat_template)
-    (root / B.HOST_DIR).mkdir(parents=True, exist_ok=True)
-    tower = vision_tower(model.model.vision_model, model.model.connector, "conv")
-    export_onnx(tower, root / B.VISION_ONNX)
-    _extract_decoder(model, root / B.DECODER_HF)
-    table = model.model.text_model.embed_tokens.weight.detach().numpy().astype(np.float16)
-    np.save(root / B.EMBEDDINGS, table)
-    (root / B.TOKENIZER).write_text(tokenizer_json(processor.tokenizer))
-    settings = SplitSettings.from_preprocessor(ck.preprocessor)
-    vision = {"file": B.VISION_RKNN, "layout": "conv", "tokens_per_tile": ck.image_seq_len, "tile": settings.tile}
-    if skip_rknn:
-        (root / B.VISION_RKNN).write_bytes(b"not built: emulation-only test bundle\n")
-        vision["dtype"] = "not built"
-    else:
-        from host.vision_rknn import BuildOptions, Progress, convert_vision
-
-        report = convert_vision(tower, settings, root / "rknn-build", BuildOptions(dtype="fp16"), holdout_tiles=1,
-                                progress=Progress(enabled=False))
-        (root / "rknn-build" / "vision.rknn").rename(root / B.VISION_RKNN)
-        vision["dtype"] = report["dtype"]
-    write_manifest(
-        root,
-        checkpoint=ck,
-        prompt_format=fmt,
-        tokenizer_info=tokenizer_section(processor.tokenizer, fmt),
-        vision=vision,
-        decoder={"file": None, "hidden_size": int(ck.text_config["hidden_size"]), "max_context": 4096},
-        embeddings=embeddings_section(table),
-        generation={"eos_token_ids": eos_token_ids(ck, processor.tokenizer)},
-        video=video,
-    )
-    return root
-
-
-def tiny_bundle_for(tmp_path_factory: Any, tiny_checkpoint: Any, family: str = "256m", **kwargs: Any) -> Path:
-    """A bundle per (family, options), built once per test session and shared by every module."""
-    key = (family, json.dumps(kwargs, sort_keys=True))
+def tiny_bundle_for(tmp_path_factory: Any, tiny_checkpoint: Any, family: str = "256m") -> Path:
+    """The bundle of the conftest's tiny checkpoint, converted once per session and shared by every module."""
+    key = f"plain-{family}"
     if key not in _BUILT:
-        root = tmp_path_factory.mktemp(f"bundle-{family}")
-        _BUILT[key] = build_bundle(root, tiny_checkpoint(family), skip_rknn=True, **kwargs)
+        _BUILT[key] = convert_bundle(tiny_checkpoint(family), tmp_path_factory.mktemp(f"bundle-{family}"))
     return _BUILT[key]
+
+
+def stopping_video_setup(tmp_path_factory: Any, tiny_checkpoint: Any, image: Path) -> SimpleNamespace:
+    """A variant of the tiny 256m checkpoint that answers like a real model and takes video like SmolVLM2.
+
+    - Its greedy answer to the first chat turn (CHAT_QUESTION about `image`) ends with the end-of-turn
+      token after a few tokens: the lm_head row of <end_of_utterance> is set to that of the token the
+      plain model would say 4th (scaled up), so the end token wins where that one would.
+    - Its preprocessor settings carry SmolVLM2's `video_sampling`, so host.convert writes the video section.
+    Returns (checkpoint, bundle) paths.
+    """
+    if "variant" not in _BUILT:
+        import shutil
+
+        import torch
+
+        from host.checkpoint import load_checkpoint
+
+        base = Oracle(tiny_checkpoint("256m"))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CHAT_QUESTION}]}]
+        generated = base.generate(base.inputs(messages, [image]), 6)
+        token = next(t for i, t in enumerate(generated) if i >= 3 and t not in generated[:i])
+        root = tmp_path_factory.mktemp("variant")
+        checkpoint = root / "checkpoint"
+        shutil.copytree(base.checkpoint.path, checkpoint)
+        eos = base.processor.tokenizer.eos_token_id
+        with torch.no_grad():
+            base.model.lm_head.weight[eos] = base.model.lm_head.weight[token] * 1.05
+        base.model.save_pretrained(checkpoint)
+        preprocessor = json.loads((checkpoint / "preprocessor_config.json").read_text())
+        preprocessor["video_sampling"] = {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}}
+        (checkpoint / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+        load_checkpoint(checkpoint)  # still a valid checkpoint
+        _BUILT["variant"] = SimpleNamespace(checkpoint=checkpoint, bundle=convert_bundle(checkpoint, root / "bundle"))
+    return _BUILT["variant"]
 
 
 class Oracle:
@@ -167,20 +143,3 @@ def json_answer(result: Any) -> dict:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
-
-def stopping_checkpoint(source: Path, out: Path, token_id: int, factor: float = 1.05) -> Path:
-    """A copy of a tiny checkpoint whose end-of-turn token wins wherever `token_id` would (its lm_head
-    row is that token's, scaled up), so greedy answers end with the end-of-turn token as real ones do."""
-    import shutil
-
-    import torch
-    from host.checkpoint import load_checkpoint
-
-    shutil.copytree(source, out)
-    ck = load_checkpoint(out)
-    model = ck.load_model()
-    eos = ck.load_tokenizer().eos_token_id
-    with torch.no_grad():
-        model.lm_head.weight[eos] = model.lm_head.weight[token_id] * factor
-    model.save_pretrained(out)
-    return out

@@ -24,6 +24,8 @@ from board.video import (
     SampledVideo, VideoSettings, frame_plan, frame_tile, number_words, read_video, sample_frame_indices, video_items,
 )
 
+from test_pipeline_support import images  # noqa: E402,F401
+
 smolvlm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
 video_processing = pytest.importorskip("transformers.models.smolvlm.video_processing_smolvlm")
 
@@ -137,7 +139,7 @@ def test_video_errors(tmp_path):
         VideoSettings.from_manifest({k: v for k, v in video_section().items() if k != "intro"})
 
 
-def test_video_end_to_end_in_emulation(tmp_path, tmp_path_factory, tiny_checkpoint):
+def test_video_end_to_end_in_emulation(tmp_path, tmp_path_factory, tiny_checkpoint, images):
     pytest.importorskip("num2words")
     pytest.importorskip("onnxruntime")
     import torch
@@ -145,11 +147,12 @@ def test_video_end_to_end_in_emulation(tmp_path, tmp_path_factory, tiny_checkpoi
 
     from board.pipeline import Pipeline
     from board.decoder import SamplingParams
-    from test_pipeline_support import Oracle, tiny_bundle_for
+    from test_pipeline_support import Oracle, stopping_video_setup
 
-    bundle = tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m", video=video_section())
+    variant = stopping_video_setup(tmp_path_factory, tiny_checkpoint, images["wide"])
     clip = write_video(tmp_path / "clip.avi")
-    with Pipeline(bundle, emulate=True) as pipeline:
+    with Pipeline(variant.bundle, emulate=True) as pipeline:
+        assert pipeline.bundle.video == {k: v for k, v in video_section().items() if k != "skip_secs"}
         reply = pipeline.ask("What happens?", video=clip, sampling=SamplingParams(max_new_tokens=12))
         answer = reply.collect()
         settings = VideoSettings.from_manifest(pipeline.bundle.video)
@@ -157,7 +160,7 @@ def test_video_end_to_end_in_emulation(tmp_path, tmp_path_factory, tiny_checkpoi
         tiles = np.stack([frame_tile(f, settings, pipeline.settings) for f in video.frames])
     assert answer.tiles_per_image == [1, 1, 1] and answer.timings.vision_tiles == 3
 
-    oracle = Oracle(tiny_checkpoint("256m"))
+    oracle = Oracle(variant.checkpoint)
     metadata = VideoMetadata(total_num_frames=30, fps=10.0, duration=3.0, frames_indices=video.indices)
     text = _reference_video_text(metadata, 3, oracle.processor.image_seq_len, "What happens?")
     ids = oracle.processor.tokenizer(text, return_tensors="pt")["input_ids"]
