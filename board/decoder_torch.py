@@ -199,7 +199,10 @@ class TorchDecoder:
                 self._drop_history()
             detok = IncrementalDetokenizer(self._tokenizer)
             generator = torch.Generator()
-            generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed() % (1 << 62)))
+            if sampling.seed is not None:
+                generator.manual_seed(sampling.seed)
+            else:
+                generator.seed()  # a fresh random seed for this generator only
             generated: list[int] = []
             stats = DecodeStats()
             finish = "length"

@@ -439,7 +439,7 @@ class Pipeline:
         """One question about a video and/or images (placed before the text, as SmolVLM is prompted)."""
         started, timings = self._begin()
         items, encoded = self._media(images, video, timings, max_tiles)
-        messages = ([{"role": "system", "content": system}] if system else []) + [
+        messages = _system_message(system) + [
             {"role": "user", "content": items + [{"type": "text", "text": question}]}]
         prompt = self.full_prompt(messages, encoded)
         self._take_decoder(None)
@@ -462,12 +462,16 @@ class Pipeline:
         self._owner = owner
 
 
+def _system_message(system: Optional[str]) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+
+
 class Chat:
     """A conversation: the re-templated messages, their images, and whether the decoder's cache holds them."""
 
     def __init__(self, pipeline: Pipeline, system: Optional[str] = None):
         self.pipeline = pipeline
-        self._system = [{"role": "system", "content": system}] if system else []
+        self._system = _system_message(system)
         self.reset()
 
     @property
@@ -503,7 +507,9 @@ class Chat:
             fits = len(prompt) < p.max_context
         if not fits:
             used = self._history + len(prompt) if continuing else len(prompt)
-            if on_overflow == "error" or len(self._messages) == len(self._system):
+            if len(self._messages) == len(self._system):  # nothing to drop: the message alone is too long
+                p.full_prompt(self._messages + [message], encoded)  # raises the plain PromptError
+            if on_overflow == "error":
                 raise ContextFull(
                     f"the conversation no longer fits the model's context: {used} tokens, max_context is {p.max_context}",
                     hint="start a new conversation (/reset in --chat), or use fewer image tiles (--max-tiles)",

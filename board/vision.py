@@ -136,7 +136,7 @@ class OnnxVisionEncoder(VisionEncoder):
     backend = "onnxruntime"
 
     def __init__(self, onnx_path: Union[str, Path], *, settings: SplitSettings, tokens_per_tile: int,
-                 hidden_size: int, layout: str = "conv", threads: Optional[int] = None):
+                 hidden_size: int, layout: str = "conv"):
         super().__init__(tile=settings.tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size,
                          feed=tile_feed(layout))
         try:
@@ -146,8 +146,6 @@ class OnnxVisionEncoder(VisionEncoder):
         self.settings = settings
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own unimportable exception types

@@ -16,8 +16,8 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from board.bundle import Bundle  # noqa: E402
-from board.decoder import SamplingParams  # noqa: E402
-from board.errors import PromptError  # noqa: E402
+from board.decoder import GenerationResult, SamplingParams  # noqa: E402
+from board.errors import DecoderError, PromptError  # noqa: E402
 from board.pipeline import ContextFull, Pipeline, budget_settings  # noqa: E402
 from board.sequence import build_sequence, stack_rows  # noqa: E402
 from board.tiles import TilePlan, plan_tiles  # noqa: E402
@@ -262,3 +262,77 @@ def test_context_limits(base, images):
         assert answer.notices and "starting over" in answer.notices[0] and answer.timings.history_tokens == 0
         fresh = pipeline.ask("And this one?", [images["tall"]], sampling=GREEDY).collect()
         assert answer.token_ids == fresh.token_ids
+
+
+# -- the emulation decoder on its own -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder(base):
+    from board.decoder_torch import TorchDecoder
+
+    with TorchDecoder(base.bundle / "host" / "decoder", tokenizer=base.pipeline.tokenizer,
+                      eos_token_ids=sorted(base.pipeline.eos_token_ids), max_context=96) as decoder:
+        yield decoder
+
+
+def _rows(decoder, ids):
+    return decoder.model.get_input_embeddings().weight[list(ids)].detach().numpy()
+
+
+def test_keep_history_equals_one_fresh_run(decoder):
+    """[A] then [B] on the kept cache == [A, answer to A, B] from scratch; the last answer token is in the history."""
+    a, b = _rows(decoder, [1, 67, 105, 99, 100]), _rows(decoder, [215, 505, 42])
+    params = SamplingParams(max_new_tokens=5)
+    first = GenerationResult.collect(decoder.generate(a, sampling=params, keep_history=True))
+    assert first.finish_reason == "length" and decoder.history_tokens == 5 + 5
+    second = GenerationResult.collect(decoder.generate(b, sampling=params, keep_history=True))
+    whole = np.concatenate([a, _rows(decoder, first.token_ids), b])
+    fresh = GenerationResult.collect(decoder.generate(whole, sampling=params, keep_history=False))
+    assert second.token_ids == fresh.token_ids
+    assert second.stats.prefill_tokens == 1 + 3  # the pending answer token, then B
+
+
+def test_decoder_checks_and_abort(decoder):
+    hidden = decoder.hidden_size
+    with pytest.raises(PromptError, match="does not fit the context"):
+        decoder.generate(np.zeros((96, hidden), np.float32))
+    with pytest.raises(PromptError, match="hidden size"):
+        decoder.generate(np.zeros((3, hidden + 1), np.float32))
+    with pytest.raises(PromptError, match="NaN"):
+        decoder.generate(np.full((3, hidden), np.nan, np.float32))
+    steps = decoder.generate(_rows(decoder, [1, 67]), sampling=SamplingParams(max_new_tokens=50))
+    next(steps)
+    with pytest.raises(DecoderError, match="already running"):
+        decoder.generate(_rows(decoder, [1]))
+    with pytest.raises(DecoderError, match="abort"):
+        decoder.reset()
+    decoder.abort()
+    rest = list(steps)
+    assert rest[-1].finish_reason == "abort" and len(rest) == 1
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(decoder):
+    rows = _rows(decoder, [1, 67, 105])
+
+    def run(**kw):
+        return GenerationResult.collect(decoder.generate(rows, sampling=SamplingParams(max_new_tokens=8, **kw))).token_ids
+
+    greedy = run()
+    assert run(top_k=1, temperature=0.8, seed=1) == greedy
+    assert run(top_k=50, top_p=0.9, temperature=1.5, seed=3) == run(top_k=50, top_p=0.9, temperature=1.5, seed=3)
+    penalized = run(repeat_penalty=50.0)
+    assert len(set(penalized)) == len(penalized)  # no token repeats under a huge penalty
+
+
+def test_incremental_detokenizer_never_emits_half_characters(base):
+    from board.decoder_torch import IncrementalDetokenizer
+
+    tokenizer = base.pipeline.tokenizer
+    text = "Héllo wörld: 日本語 ✓ café, naïve"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces[:-1]  # a character split over tokens was held back until complete
