@@ -240,8 +240,6 @@ class Pipeline:
         self.image_token_id = self.bundle.image_token_id
         self.eos_token_ids = set(self.bundle.eos_token_ids)
         self.max_context = self.bundle.max_context
-        if self.table.shape[1] != self.bundle.hidden_size:
-            raise BundleError(f"the embedding table is {self.table.shape[1]} wide, the decoder {self.bundle.hidden_size}")
         self.cache = VisionCache(cache_bytes)
         self._abort = threading.Event()
         self._owner: Optional["Chat"] = None  # the chat whose history is in the decoder's cache
