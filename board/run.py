@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
@@ -38,19 +39,27 @@ class _UsageError(Exception):
 
 DEFAULT_SAMPLING_TOP_K = 40  # used when --temperature/--top-p turn sampling on without --top-k
 
-CHAT_HELP = """commands: /image PATH (attach to the next message), /video PATH, /reset (new conversation),
-/quit (or Ctrl-D). Ctrl-C stops an answer; Ctrl-C again (or at the prompt) exits."""
+CHAT_HELP = """In --chat: /image PATH attaches an image to the next message, /video PATH a video,
+/reset starts a new conversation, /quit (or Ctrl-D) ends. Ctrl-C stops an answer; Ctrl-C again
+(or at the prompt) exits. A conversation that outgrows the model's context starts over with the
+new message, and a notice on stderr says so."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolvlm-run",
-        description="Ask a SmolVLM bundle about images or a video. On an RK3588 the vision model runs on the "
-        "NPU (rknnlite) and the language model in librkllmrt; with --emulate the same pipeline runs on x86 "
-        "with ONNX Runtime and PyTorch on the bundle's host/ files. The answer streams to stdout.",
-        epilog="Greedy decoding is the default (reproducible answers). --temperature > 0 or --top-p < 1 "
-        f"turns sampling on (top-k {DEFAULT_SAMPLING_TOP_K} unless --top-k is given). Exit status: 0 done, "
-        f"{EXIT_ERROR} error, {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted.\n\n{CHAT_HELP}",
+        description=textwrap.dedent("""\
+            Ask a SmolVLM bundle about images or a video; the answer streams to stdout.
+            On an RK3588 the vision model runs on the NPU (rknnlite) and the language model in
+            librkllmrt; with --emulate the same pipeline runs on x86 with ONNX Runtime and PyTorch
+            on the bundle's host/ files. Board checks (NPU driver, runtimes) run first."""),
+        epilog=textwrap.dedent(f"""\
+            Greedy decoding is the default (reproducible answers). --temperature > 0 or --top-p < 1
+            turns sampling on (top-k {DEFAULT_SAMPLING_TOP_K} unless --top-k is given).
+
+            Exit status: 0 done, {EXIT_ERROR} error, {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted.
+
+            """) + CHAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("question", nargs="?", help="the question (with --chat: the first message; optional)")
@@ -101,7 +110,8 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 class Interrupts:
-    """Ctrl-C while answering: the first stops the answer (the pipeline aborts), the second exits."""
+    """Ctrl-C during a turn: the first stops it (the pipeline aborts; images being encoded finish
+    first), the second raises KeyboardInterrupt and the command exits."""
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
@@ -128,11 +138,10 @@ def stream(reply: Any, pipeline: Any, *, as_json: bool, out: TextIO, stats: bool
     """Print one answer (streamed text, or one JSON object); return the Answer."""
     for notice in reply.notices:
         print(f"notice: {notice}", file=sys.stderr)
-    with Interrupts(pipeline):
-        for step in reply:
-            if step.text and not as_json:
-                out.write(step.text)
-                out.flush()
+    for step in reply:
+        if step.text and not as_json:
+            out.write(step.text)
+            out.flush()
     answer = reply.answer
     if as_json:
         out.write(json.dumps({**answer.to_dict(), "model": pipeline.describe()}, ensure_ascii=False) + "\n")
@@ -156,7 +165,7 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
     first: Optional[str] = args.question
     interactive = sys.stdin.isatty()
     if interactive and not args.json:
-        print(f"chatting with {pipeline.bundle.model_id}. {CHAT_HELP}", file=sys.stderr)
+        print(f"chatting with {pipeline.bundle.model_id}\n{CHAT_HELP}", file=sys.stderr)
     while True:
         if first is not None:
             line, first = first, None
@@ -196,23 +205,17 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
                 print("(video attached to the next message)", file=sys.stderr)
             continue
         try:
-            reply = chat.send(line, images, video=video, sampling=sampling, max_tiles=args.max_tiles,
-                              on_overflow="reset")
-            images, video = [], None
-            stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
+            with Interrupts(pipeline):
+                reply = chat.send(line, images, video=video, sampling=sampling, max_tiles=args.max_tiles,
+                                  on_overflow="reset")
+                images, video = [], None
+                stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except SmolVLMError as err:
-            if not _recoverable(err):
-                raise
+        except InputError as err:  # a bad image or prompt loses only that message
             print(f"error: {err}", file=sys.stderr)
             images, video = [], None
-
-
-def _recoverable(err: SmolVLMError) -> bool:
-    """In a chat, a bad image or prompt only loses that message; anything else ends the session."""
-    return isinstance(err, InputError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -239,9 +242,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       max_tiles=args.max_tiles, sampling=sampling) as pipeline:
             if args.chat:
                 return chat_loop(pipeline, args, sampling, out)
-            reply = pipeline.ask(args.question, args.image, video=args.video, system=args.system,
-                                 sampling=sampling, max_tiles=args.max_tiles)
-            answer = stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
+            with Interrupts(pipeline):
+                reply = pipeline.ask(args.question, args.image, video=args.video, system=args.system,
+                                     sampling=sampling, max_tiles=args.max_tiles)
+                answer = stream(reply, pipeline, as_json=args.json, out=out, stats=args.stats)
             return EXIT_INTERRUPTED if answer.finish_reason == "abort" else 0
     except _UsageError as err:
         print(f"smolvlm-run: error: {err}", file=sys.stderr)
