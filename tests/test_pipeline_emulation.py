@@ -227,6 +227,22 @@ def test_turn_after_abort_refeeds_the_retemplated_conversation(stopping, images)
     assert answer.token_ids == stopping.oracle.generate(inputs, MAX_NEW)
 
 
+def test_interleaved_chats_rebuild_their_own_history(stopping, images):
+    """Two conversations on one pipeline: the one that lost the decoder's cache re-feeds itself."""
+    pipeline = stopping.pipeline
+    chat_a, chat_b = pipeline.chat(), pipeline.chat()
+    first = chat_a.send(Q, [images["wide"]], sampling=GREEDY).collect()
+    chat_b.send("Hello there.", sampling=GREEDY).collect()
+    second = chat_a.send("Try again.", sampling=GREEDY)
+    answer = second.collect()
+    assert answer.timings.history_tokens == 0
+    text = first.text.removeprefix(" ")
+    messages = [user(None, Q), {"role": "assistant", "content": [{"type": "text", "text": text}]}, user("Try again.")]
+    inputs = stopping.oracle.inputs(messages, [images["wide"]])
+    assert second.prompt.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == stopping.oracle.generate(inputs, MAX_NEW)
+
+
 def test_continuation_text_matches_the_chat_template(base, images):
     """With a natural answer, [turn-one ids, answer ids, end token, our continuation] is exactly the
     reference processor's tokenization of the re-templated conversation."""
