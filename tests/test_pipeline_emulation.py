@@ -71,6 +71,16 @@ def test_ask_greedy_tokens_equal_reference(base, images, names):
     assert t.prefill_ms > 0 and t.ttft_ms > 0 and t.total_ms >= t.ttft_ms and t.peak_rss_mb > 0
 
 
+def test_the_384_tile_geometry(tmp_path_factory, tiny_checkpoint, images):
+    """The 2.2B family's geometry (384 tiles, 27x27 patches, pixel-shuffle 3, 81 rows per tile)."""
+    bundle = tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "2.2b")
+    with Pipeline(bundle, emulate=True) as pipeline:
+        setup = SimpleNamespace(pipeline=pipeline, oracle=Oracle(tiny_checkpoint("2.2b")))
+        reply = pipeline.ask(Q, [images["wide"]], sampling=GREEDY)
+        answer = _check_parity(setup, reply, [user(None, Q)], [images["wide"]])
+    assert answer.tiles_per_image == [13] and len(reply.prompt.image_positions) == 13 * 81
+
+
 def test_interleaved_images_and_system_message(base, images):
     messages = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
                 user("Compare", None, "with", None, "please.")]
