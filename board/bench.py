@@ -1,0 +1,416 @@
+"""`python board/bench.py`: one JSON object of latency figures for a bundle on an RK3588 board.
+
+    python board/bench.py --bundle ~/smolvlm-256m --json                 # on the board (NPU)
+    python board/bench.py --bundle out/bundle --emulate --json --runs 1  # x86: same shape, not board numbers
+
+The workload is fixed so that runs, boards and versions can be compared (override with --image/--prompt):
+
+1. image request: a synthetic 2048x2048 PNG (smooth colour fields + noise, seed 0, so tiles differ;
+   it splits into 4x4 tiles + the global view = 17 tiles for every SmolVLM family), the question
+   DEFAULT_PROMPT, greedy decoding, at most --new-tokens (64) new tokens, vision cache cleared each
+   run. Gives the image encode time (PNG decode + split + vision), time to first token (image
+   included), prefill tok/s (~1.1k prompt tokens for 256M/500M) and decode tok/s.
+2. text-128 request: 128 text tokens fed straight to the decoder, then up to --new-tokens greedy
+   tokens: Rockchip's own benchmark setup (seqlen 128, 64 new tokens), to compare with its figures.
+3. vision modes: the workload's tiles through a fresh encoder in each NPU core mode (single = core
+   0, parallel = one runtime per core, all = one runtime over the three cores), opened one at a time
+   after the pipeline is closed, so peak RSS (read during 1-2) is the serving process's.
+
+Every figure is the median, min and max over --runs runs (after --warmup unmeasured runs). A
+decoder may stop before --new-tokens on its end-of-turn token: `decode_tokens` says how many it
+made. "backend" is "npu" on the board and "emulate" with --emulate (ONNX Runtime + PyTorch on the
+bundle's host/ files): emulation numbers describe the x86 machine, never the board.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: import the package from the folder above board/
+    _board_dir = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _board_dir:
+        sys.path.pop(0)
+    sys.path.insert(0, str(_board_dir.parent))
+
+import numpy as np  # noqa: E402
+
+from board import __version__  # noqa: E402
+from board.errors import InputError, SmolVLMError  # noqa: E402
+from board.system_checks import SystemPaths, parse_version  # noqa: E402
+from board.vision import NPU_CORE_MODES  # noqa: E402
+
+SCHEMA = "smolvlm-rk3588-bench/1"
+DEFAULT_PROMPT = "Describe this image in detail."
+DEFAULT_IMAGE_SIDE = 2048
+DEFAULT_NEW_TOKENS = 64
+TEXT_TOKENS = 128
+EMULATION_WARNING = ("x86 emulation (ONNX Runtime + PyTorch on the bundle's host/ files): these numbers measure "
+                     "this computer, not an RK3588 NPU")
+# The figures of `results`, each {"median", "min", "max"}; vision_ms_per_tile has one per NPU core mode.
+RESULT_KEYS = ("vision_ms_per_tile", "image_encode_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s",
+               "text128_prefill_ms", "text128_decode_tok_s", "peak_rss_mb")
+COUNT_KEYS = ("prompt_tokens", "decode_tokens", "text128_decode_tokens")
+
+# Read-only clock state recorded with the results (scripts/board_clocks.sh pins them).
+_CPU_POLICIES = "devices/system/cpu/cpufreq"
+_DEVFREQ = "class/devfreq"
+
+
+def synthetic_image(side: int = DEFAULT_IMAGE_SIDE, seed: int = 0) -> bytes:
+    """The default workload image as PNG bytes: deterministic, photo-like, different in every tile."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    rgb = np.stack([128 + 90 * np.sin(x / 37 + y / 97), 128 + 90 * np.cos(y / 29 - x / 300),
+                    128 + 70 * np.sin((x - y) / 17)], -1)
+    rgb += rng.integers(-24, 25, rgb.shape, dtype=np.int16)
+    bgr = np.ascontiguousarray(np.clip(rgb, 0, 255).astype(np.uint8)[:, :, ::-1])
+    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise SmolVLMError("OpenCV could not encode the synthetic PNG")
+    return png.tobytes()
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Median and spread of one figure over the measured runs."""
+    return {"median": round(float(statistics.median(values)), 2), "min": round(float(min(values)), 2),
+            "max": round(float(max(values)), 2)}
+
+
+def lookup(result: dict[str, Any], key: str) -> dict[str, float]:
+    """The statistics of a dotted key of `results`, e.g. 'vision_ms_per_tile.single'."""
+    node: Any = result["results"]
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"the bench JSON has no results.{key}")
+        node = node[part]
+    return node
+
+
+def check_budget(result: dict[str, Any], key: str, rule: dict[str, Any]) -> Optional[str]:
+    """None when the median of `key` is within `rule` ({"max": x} or {"min": x}), else why not."""
+    stats = lookup(result, key)
+    median, spread = stats["median"], f"min {stats['min']}, max {stats['max']}, {result['workload']['runs']} runs"
+    why = f" ({rule['why']})" if rule.get("why") else ""
+    if "max" in rule and median > rule["max"]:
+        return f"{key}: measured median {median} ({spread}) is above the budget of at most {rule['max']}{why}"
+    if "min" in rule and median < rule["min"]:
+        return f"{key}: measured median {median} ({spread}) is below the budget of at least {rule['min']}{why}"
+    return None
+
+
+def budget_entry(budgets: dict[str, Any], bundle: Any) -> Optional[dict[str, Any]]:
+    """The budgets file's entry whose `match` fits the bundle (vision family and decoder hidden size)."""
+    facts = {"vision_family": bundle.manifest.get("model", {}).get("family"), "hidden_size": bundle.hidden_size}
+    for entry in budgets.get("models", []):
+        if all(facts.get(k) == v for k, v in entry.get("match", {}).items()):
+            return entry
+    return None
+
+
+# -- versions and clocks ----------------------------------------------------------------------
+
+
+def _package_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def npu_driver_version(paths: SystemPaths = SystemPaths()) -> Optional[str]:
+    """The rknpu driver version (debugfs needs root; /sys/module/rknpu/version does not), or None."""
+    for source in (paths.npu_debugfs_version, paths.npu_module_version):
+        try:
+            version = parse_version(source.read_text(errors="replace"))
+        except OSError:
+            continue
+        if version:
+            return ".".join(map(str, version))
+    return None
+
+
+def rknn_sdk_version(rknn_path: Path) -> Optional[str]:
+    """librknnrt's own version report (RKNNLite.get_sdk_version needs a loaded model), or None."""
+    try:
+        from rknnlite.api import RKNNLite
+    except ImportError:
+        return None
+    runtime = RKNNLite(verbose=False)
+    try:
+        if runtime.load_rknn(str(rknn_path)) != 0 or runtime.init_runtime(core_mask=RKNNLite.NPU_CORE_0) != 0:
+            return None
+        report = getattr(runtime, "get_sdk_version", None)
+        return " ".join(str(report()).split()) if report else None
+    finally:
+        runtime.release()
+
+
+def versions(bundle: Any, emulate: bool) -> dict[str, Any]:
+    """Every runtime version that decides the numbers, with the toolkits that built the bundle."""
+    from board.bundle import VISION_RKNN
+    from board.rkllm_h import RKLLM_VERSION, find_library
+
+    out: dict[str, Any] = {"board": __version__, "npu_driver": None, "librkllmrt": None, "librknnrt": None,
+                           "rknn_toolkit_lite2": _package_version("rknn-toolkit-lite2"),
+                           "onnxruntime": None, "torch": None, "bundle_toolkits": bundle.manifest.get("toolkits", {})}
+    if emulate:
+        out["onnxruntime"], out["torch"] = _package_version("onnxruntime"), _package_version("torch")
+        return out
+    out["npu_driver"] = npu_driver_version()
+    library, _ = find_library([bundle.root])
+    # librkllmrt reports no version; the binding loads only a library with the 1.3.0 ABI (board.rkllm_h)
+    out["librkllmrt"] = {"path": str(library), "abi": RKLLM_VERSION} if library else None
+    out["librknnrt"] = rknn_sdk_version(bundle.path(VISION_RKNN))
+    return out
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def clocks(sys_root: Path = Path("/sys")) -> dict[str, Any]:
+    """Governor and current frequency of the CPU clusters, the NPU and the memory controller."""
+    out: dict[str, Any] = {}
+    for policy in sorted((sys_root / _CPU_POLICIES).glob("policy*")):
+        out[f"cpu_{policy.name}"] = {"governor": _read(policy / "scaling_governor"),
+                                     "cur_khz": _read(policy / "scaling_cur_freq")}
+    for node in sorted((sys_root / _DEVFREQ).glob("*")):
+        if "npu" in node.name or node.name == "dmc":
+            out["npu" if "npu" in node.name else "ddr"] = {"governor": _read(node / "governor"),
+                                                          "cur_hz": _read(node / "cur_freq")}
+    return out
+
+
+def system_info() -> dict[str, Any]:
+    soc = _read(SystemPaths().device_tree_compatible)
+    return {"machine": platform.machine(), "kernel": platform.release(), "python": platform.python_version(),
+            "soc": soc.split("\0")[0] if soc else None, "clocks": clocks()}
+
+
+# -- the measurements -------------------------------------------------------------------------
+
+
+def text_ids(pipeline: Any, n: int = TEXT_TOKENS) -> np.ndarray:
+    """Exactly `n` token ids of a templated user question (the question cut to fit), for the text run."""
+    fmt = pipeline.format
+    head = pipeline.tokenizer.encode(fmt.bos + fmt.roles["user"][0], add_special_tokens=False).ids
+    tail = pipeline.tokenizer.encode(fmt.end_of_turn + fmt.generation_prompt, add_special_tokens=False).ids
+    filler = " ".join(["Write a long story about a robot who learns to paint the sea at night."] * 40)
+    body = pipeline.tokenizer.encode(filler, add_special_tokens=False).ids
+    ids = head + body[: max(0, n - len(head) - len(tail))] + tail
+    return np.asarray(ids[:n], dtype=np.int64)
+
+
+def _open_encoder(bundle: Any, mode: str, emulate: bool) -> Any:
+    from board.bundle import VISION_ONNX, VISION_RKNN
+    from board.vision import OnnxVisionEncoder, RKNNVisionEncoder
+
+    common = dict(tokens_per_tile=bundle.prompt_format.image_seq_len, hidden_size=bundle.hidden_size,
+                  layout=bundle.vision_layout)
+    if emulate:  # no NPU cores on x86: every mode is the same ONNX Runtime session
+        return OnnxVisionEncoder(bundle.path(VISION_ONNX), settings=bundle.split_settings, **common)
+    return RKNNVisionEncoder(bundle.path(VISION_RKNN), tile=bundle.split_settings.tile, cores=mode, **common)
+
+
+def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, warmup: int = 1,
+              image: Optional[str | Path] = None, prompt: str = DEFAULT_PROMPT, new_tokens: int = DEFAULT_NEW_TOKENS,
+              npu_cores: str = "parallel", verify: bool = True,
+              log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Run the workload (module docstring) and return the bench JSON object."""
+    from board.decoder import GenerationResult, SamplingParams
+    from board.image_io import load_image, read_bytes
+    from board.pipeline import Pipeline, peak_rss_mb
+    from board.sequence import embed_tokens
+    from board.tiles import split_image
+
+    if runs < 1 or warmup < 0 or new_tokens < 1:
+        raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
+    image_bytes = read_bytes(image) if image else synthetic_image()
+    greedy = SamplingParams(max_new_tokens=new_tokens)
+    figures: dict[str, list[float]] = {k: [] for k in RESULT_KEYS if k != "vision_ms_per_tile"}
+    counts: dict[str, list[float]] = {k: [] for k in COUNT_KEYS}
+
+    log(f"loading {bundle_dir} ({'emulation' if emulate else 'npu'})")
+    with Pipeline(bundle_dir, emulate=emulate, verify=verify, npu_cores=npu_cores, sampling=greedy) as pipeline:
+        bundle, described = pipeline.bundle, pipeline.describe()
+        ids = text_ids(pipeline)
+        rows = embed_tokens(pipeline.table, ids)
+        tiles_per_image: list[int] = []
+        for i in range(warmup + runs):
+            measured = i >= warmup
+            log(f"{'run' if measured else 'warm-up'} {i - warmup + 1 if measured else i + 1}: image request")
+            pipeline.cache.clear()
+            answer = pipeline.ask(prompt, [image_bytes], sampling=greedy).collect()
+            t = answer.timings
+            log(f"  text-{len(ids)} request")
+            text = GenerationResult.collect(pipeline.decoder.generate(rows, sampling=greedy, keep_history=False))
+            if not measured:
+                continue
+            tiles_per_image = answer.tiles_per_image
+            figures["image_encode_ms"].append(t.image_decode_ms + t.tiles_ms + t.vision_ms)
+            figures["ttft_ms"].append(t.ttft_ms)
+            figures["prefill_tok_s"].append(t.prefill_tok_s)
+            figures["decode_tok_s"].append(t.decode_tok_s)
+            figures["text128_prefill_ms"].append(text.stats.prefill_ms)
+            figures["text128_decode_tok_s"].append(text.stats.decode_tok_s)
+            figures["peak_rss_mb"].append(peak_rss_mb())
+            counts["prompt_tokens"].append(t.prompt_tokens)
+            counts["decode_tokens"].append(len(answer.token_ids))
+            counts["text128_decode_tokens"].append(len(text.token_ids))
+        rgb = load_image(image_bytes)
+        tiles, image_shape = split_image(rgb, pipeline.settings).tiles, list(rgb.shape[:2])
+
+    per_mode: dict[str, dict[str, float]] = {}
+    for mode in NPU_CORE_MODES:
+        log(f"vision mode '{mode}': {len(tiles)} tiles x {runs} runs")
+        with _open_encoder(bundle, mode, emulate) as encoder:
+            encoder.encode(tiles[:1])  # warm-up: first-run allocations stay out of the figure
+            values = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                encoder.encode(tiles)
+                values.append((time.perf_counter() - start) * 1e3 / len(tiles))
+        per_mode[mode] = summarize(values)
+
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "backend": "emulate" if emulate else "npu",
+        "warning": EMULATION_WARNING if emulate else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bundle": {"path": str(Path(bundle_dir).expanduser().resolve()), "model": bundle.model_id,
+                   "tiny": bundle.is_tiny, "vision_dtype": bundle.vision.get("dtype"),
+                   "vision_layout": bundle.vision_layout, "tile": bundle.split_settings.tile,
+                   "tokens_per_tile": bundle.prompt_format.image_seq_len, "max_context": bundle.max_context},
+        "runtime": {"vision": described["vision"], "decoder": described["decoder"], "load_ms": described["load_ms"]},
+        "versions": versions(bundle, emulate),
+        "system": system_info(),
+        "workload": {
+            "image": str(image) if image else f"synthetic {DEFAULT_IMAGE_SIDE}x{DEFAULT_IMAGE_SIDE} PNG (seed 0)",
+            "image_size": image_shape, "tiles": int(sum(tiles_per_image)), "prompt": prompt,
+            "text_tokens": len(ids), "new_tokens": new_tokens, "sampling": "greedy", "npu_cores": npu_cores,
+            "runs": runs, "warmup": warmup,
+        },
+        "results": {"vision_ms_per_tile": per_mode, **{k: summarize(v) for k, v in figures.items()}},
+        "counts": {k: summarize(v) for k, v in counts.items()},
+    }
+    return result
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def readme_row(result: dict[str, Any]) -> str:
+    """The README results-table row for this run (medians)."""
+    r, w, v = result["results"], result["workload"], result["versions"]
+    modes = " / ".join(f"{r['vision_ms_per_tile'][m]['median']:.0f}" for m in NPU_CORE_MODES)
+    librkllmrt = v["librkllmrt"]["abi"] if v["librkllmrt"] else "-"
+    clock_state = result["system"]["clocks"].get("npu", {}).get("governor") or "?"
+    return (f"| {result['system'].get('soc') or result['system']['machine']} ({result['backend']}) "
+            f"| {result['bundle']['model']} {result['bundle']['vision_dtype']} | {modes} "
+            f"| {r['image_encode_ms']['median'] / 1e3:.2f} s ({w['tiles']} tiles) | {r['ttft_ms']['median'] / 1e3:.2f} s "
+            f"| {r['prefill_tok_s']['median']:.0f} | {r['text128_prefill_ms']['median']:.0f} "
+            f"| {r['decode_tok_s']['median']:.1f} / {r['text128_decode_tok_s']['median']:.1f} "
+            f"| {r['peak_rss_mb']['median']:.0f} | npu {v['npu_driver'] or '?'}, rkllm {librkllmrt} "
+            f"| {clock_state} |")
+
+
+def render_text(result: dict[str, Any]) -> str:
+    lines = []
+    if result["warning"]:
+        lines.append(f"NOTE: {result['warning']}")
+    w = result["workload"]
+    lines.append(f"{result['bundle']['model']} on {result['backend']}: {w['image']}, {w['tiles']} tiles, "
+                 f"{w['runs']} runs (median [min..max])")
+    for key in RESULT_KEYS:
+        value = result["results"][key]
+        entries = value.items() if key == "vision_ms_per_tile" else [("", value)]
+        for mode, s in entries:
+            name = f"{key} ({mode})" if mode else key
+            lines.append(f"  {name:<32} {s['median']:>10.2f}  [{s['min']:.2f}..{s['max']:.2f}]")
+    lines.append("README row: " + readme_row(result))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smolvlm-bench", description=__doc__.split("\n\n")[0],
+        epilog="The workload is described in board/bench.py's docstring and the README (Benchmarks). "
+        "Pin the clocks first for comparable numbers: sudo scripts/board_clocks.sh pin.",
+    )
+    parser.add_argument("--bundle", required=True, metavar="DIR", help="the bundle folder made by host.convert")
+    parser.add_argument("--emulate", action="store_true", help="x86 emulation (ONNX Runtime + PyTorch); the JSON "
+                        "says backend 'emulate': these are not board numbers")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: a readable summary)")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
+    parser.add_argument("--runs", type=int, default=3, metavar="N", help="measured runs per figure (3)")
+    parser.add_argument("--warmup", type=int, default=1, metavar="N", help="unmeasured runs first (1)")
+    parser.add_argument("--image", metavar="PATH", help="use this image instead of the synthetic 2048x2048 one")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question ({DEFAULT_PROMPT!r})")
+    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="N",
+                        help=f"greedy tokens per answer, at most ({DEFAULT_NEW_TOKENS})")
+    parser.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel",
+                        help="NPU core mode of the image request (every mode is measured for vision_ms_per_tile)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    parser.add_argument("--budgets", metavar="FILE", help="check the medians against a budgets file "
+                        "(tests/rk3588_budgets.json); exit status 3 names each stage over budget")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+EXIT_ERROR, EXIT_OVER_BUDGET = 1, 3
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.new_tokens < 1:
+        parser.error("--runs and --new-tokens must be at least 1, --warmup at least 0")
+    if args.emulate:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    log = (lambda line: None) if args.quiet else (lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
+    try:
+        result = run_bench(args.bundle, emulate=args.emulate, runs=args.runs, warmup=args.warmup, image=args.image,
+                           prompt=args.prompt, new_tokens=args.new_tokens, npu_cores=args.npu_cores,
+                           verify=not args.no_verify, log=log)
+        problems: list[str] = []
+        if args.budgets:
+            from board.bundle import Bundle
+
+            budgets = json.loads(Path(args.budgets).read_text())
+            entry = budget_entry(budgets, Bundle.open(args.bundle, verify=False))
+            if entry is None:
+                raise InputError(f"{args.budgets} has no budgets for this model (match on vision family and hidden size)")
+            problems = [p for key, rule in entry["budgets"].items() if (p := check_budget(result, key, rule))]
+            result["budgets"] = {"file": args.budgets, "entry": entry.get("name"), "over_budget": problems}
+    except SmolVLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\n(interrupted)", file=sys.stderr)
+        return 130
+    text = json.dumps(result, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text if args.json else render_text(result))
+    for problem in problems:
+        print(f"over budget: {problem}", file=sys.stderr)
+    return EXIT_OVER_BUDGET if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
