@@ -82,7 +82,7 @@ class Log:
             print(f"[convert {time.monotonic() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak RSS (Linux: VmHWM via /proc/self/clear_refs), so it can be read per stage."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -146,7 +146,9 @@ class Stages:
             return prev["info"]
         number = STAGES.index(name) + 1
         self.log(f"stage {number}/{len(STAGES)} {name} ...")
-        per_stage = _reset_peak_rss()
+        if self.state.pop(name, None) is not None:
+            self._save()  # an interrupted rerun must not leave the old record next to half-written outputs
+        per_stage = reset_peak_rss()
         t0 = time.monotonic()
         info = fn()
         seconds = round(time.monotonic() - t0, 1)
@@ -467,6 +469,7 @@ def vision_options(args: argparse.Namespace) -> Any:
 
 def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     """Run every stage; return the summary (also written to host/convert_report.json)."""
+    from host.bundle_writer import package_version
     from host.decoder_rkllm import RKLLMOptions, require_rkllm_toolkit, toolkit_version, validate_max_context
     from host.vision_rknn import require_rknn_toolkit
 
@@ -504,7 +507,7 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
         stages.run("calibration", calibration_key, [f"{B.HOST_DIR}/{DATASET}"], lambda: stage_calibration(job, text))
     vision_key = fingerprint("vision", base, asdict(v_options), images_key if v_options.dtype == "int8" else None,
-                             holdout_key, _version("rknn-toolkit2"))
+                             holdout_key, package_version("rknn-toolkit2"))
     vision = stages.run("vision", vision_key, [B.VISION_RKNN, B.VISION_ONNX], lambda: stage_vision(job, v_options))
     job.release_model()
     rkllm = None
@@ -529,7 +532,7 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         "max_context": max_context,
         "vision_accuracy": {k: vision["accuracy"][k] for k in ("cosine_min", "cosine_mean")},
         "decoder_equivalence_max_abs_diff": decoder["equivalence"]["max_abs_diff"],
-        "decoder_accuracy": (rkllm or {}).get("accuracy"),
+        "decoder_accuracy": {k: v for k, v in (rkllm or {}).get("accuracy", {}).items() if k != "samples"} or None,
         "self_check": check,
         "stages": stages.summary,
         "total_seconds": round(time.monotonic() - t_start, 1),
@@ -537,12 +540,6 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     }
     (root / REPORT).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-
-
-def _version(name: str) -> Optional[str]:
-    from host.bundle_writer import package_version
-
-    return package_version(name)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -614,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     log = Log(quiet=args.quiet)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         summary = convert(args, log)
     except SmolVLMError as err:
@@ -630,7 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """transformers' and the Hub's progress bars and advice would bury the stage lines."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -107,8 +108,12 @@ def toolkit_version() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def _output_to(log_path: Path, title: str) -> Iterator[None]:
-    """Send fds 1 and 2 (Python and native writes alike) to log_path for the toolkit's chatter."""
+def _output_to(log_path: Path, title: str, heartbeat_s: int = 0) -> Iterator[None]:
+    """Send fds 1 and 2 (Python and native writes alike) to log_path for the toolkit's chatter.
+
+    With `heartbeat_s`, a line on the real stderr every so often says the step is still running; it is
+    a tiny shell loop, not a thread, because the toolkit's native code can hold the GIL for minutes.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -116,9 +121,19 @@ def _output_to(log_path: Path, title: str) -> Iterator[None]:
     os.write(log_fd, f"\n===== {title} ({time.strftime('%Y-%m-%d %H:%M:%S')}) =====\n".encode())
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
+    beat = None
+    if heartbeat_s > 0:
+        beat = subprocess.Popen(
+            ["sh", "-c", 'e=0; while sleep "$H"; do e=$((e + H)); echo "[rkllm] $W: still running (${e}s)"; done'],
+            env={"H": str(heartbeat_s), "W": title, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            stdout=saved[1], stderr=subprocess.DEVNULL,
+        )
     try:
         yield
     finally:
+        if beat is not None:
+            beat.terminate()
+            beat.wait()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
@@ -243,12 +258,13 @@ def build_decoder_rkllm(
     t0 = time.monotonic()
     llm = RKLLM()
     say(f"rkllm-toolkit: loading {decoder_dir} (log: {log})")
-    with _output_to(log, "load_huggingface"):
+    beat = 30 if progress else 0
+    with _output_to(log, "load_huggingface", beat):
         ret = llm.load_huggingface(model=str(decoder_dir), device="cpu", dtype=options.load_dtype)
     _check(ret, f"load_huggingface({decoder_dir})", log)
     say(f"rkllm-toolkit: quantizing ({options.quantized_dtype}, {options.quantized_algorithm}, "
         f"max_context {options.max_context}); this takes minutes")
-    with _output_to(log, "build"):
+    with _output_to(log, "build (quantization)", beat):
         ret = llm.build(
             do_quantization=True, optimization_level=options.optimization_level,
             quantized_dtype=options.quantized_dtype, quantized_algorithm=options.quantized_algorithm,
@@ -256,7 +272,7 @@ def build_decoder_rkllm(
             max_context=options.max_context, dataset=str(dataset),
         )
     _check(ret, "build", log)
-    with _output_to(log, "export_rkllm"):
+    with _output_to(log, "export_rkllm", beat):
         ret = llm.export_rkllm(str(rkllm_path))
     _check(ret, f"export_rkllm({rkllm_path})", log)
     report["build_s"] = round(time.monotonic() - t0, 1)
@@ -265,7 +281,7 @@ def build_decoder_rkllm(
     if holdout:
         from host.decoder_export import load_decoder
 
-        with _output_to(log, "get_logits (held-out accuracy)"):
+        with _output_to(log, "get_logits (held-out accuracy)", beat):
             report["accuracy"] = evaluate_holdout(llm, load_decoder(decoder_dir), holdout, progress=None)
         accuracy = report["accuracy"]
         if accuracy["measured"]:
