@@ -387,6 +387,7 @@ def build_decoder_calibration(
     t0 = time.monotonic()
     calibration_plan = plan_conversations(images, TEXT_ONLY[:-HOLDOUT_TEXT])
     samples = build_samples(calibration_plan, builder, max_tiles=max_tiles, max_tokens=max_tokens, progress=progress)
+    calibration_tiles = builder.reference_tiles
     holdout_plan = plan_conversations(holdout_images, TEXT_ONLY[-HOLDOUT_TEXT:], long_budgets=(2,), question_offset=2)
     holdout = build_samples(holdout_plan, builder, max_tiles=holdout_tiles, max_tokens=max_tokens, progress=progress)
     t_embed = time.monotonic() - t0
@@ -399,12 +400,13 @@ def build_decoder_calibration(
         "image_samples": sum(s.kind == "image" for s in samples),
         "text_samples": sum(s.kind == "text" for s in samples),
         "tiles": sum(s.tiles for s in samples),
-        "reference_tiles": builder.reference_tiles,
+        "reference_tiles": calibration_tiles,
         "tokens": sum(s.tokens for s in samples),
         "max_sample_tokens": max(s.tokens for s in samples),
         "hidden_size": hidden,
         "budget": {"max_tiles": max_tiles, "max_values": max_values, "max_tokens": max_tokens},
         "holdout": {"file": HOLDOUT, "samples": len(holdout), "tiles": sum(s.tiles for s in holdout),
+                    "reference_tiles": builder.reference_tiles - calibration_tiles,
                     "tokens": sum(s.tokens for s in holdout)},
         "seconds": {"embeddings": round(t_embed, 1), "targets": round(t_targets, 1)},
     }
