@@ -141,6 +141,7 @@ class Worker:
                 break
             if job is not None:
                 job.cancelled.set()
+                self.counts["aborted"] += 1
                 job.events.put(("error", APIError(503, "the server is shutting down", type="server_error")))
         with self._lock:
             if self._current is not None:
