@@ -384,17 +384,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     log = (lambda line: None) if args.quiet else (lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
     try:
+        entry = None
+        if args.budgets:  # before the run: a budgets file without this model is known at once
+            from board.bundle import Bundle
+
+            try:
+                budgets = json.loads(Path(args.budgets).read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot read the budgets file {args.budgets}: {exc}") from exc
+            entry = budget_entry(budgets, Bundle.open(args.bundle, verify=False))
+            if entry is None:
+                raise InputError(f"{args.budgets} has no budgets for this model (entries match on the vision "
+                                 "family and the decoder's hidden size)")
         result = run_bench(args.bundle, emulate=args.emulate, runs=args.runs, warmup=args.warmup, image=args.image,
                            prompt=args.prompt, new_tokens=args.new_tokens, npu_cores=args.npu_cores,
                            verify=not args.no_verify, log=log)
         problems: list[str] = []
-        if args.budgets:
-            from board.bundle import Bundle
-
-            budgets = json.loads(Path(args.budgets).read_text())
-            entry = budget_entry(budgets, Bundle.open(args.bundle, verify=False))
-            if entry is None:
-                raise InputError(f"{args.budgets} has no budgets for this model (match on vision family and hidden size)")
+        if entry is not None:
             problems = [p for key, rule in entry["budgets"].items() if (p := check_budget(result, key, rule))]
             result["budgets"] = {"file": args.budgets, "entry": entry.get("name"), "over_budget": problems}
     except SmolVLMError as err:
