@@ -228,7 +228,8 @@ def parse_chat_request(body: Any, *, default_sampling: SamplingParams, limits: L
     images: list[bytes] = []
     details: list[Any] = []
     for i, message in enumerate(raw):
-        role = ROLES.get(message.get("role")) if isinstance(message, dict) else None
+        name = message.get("role") if isinstance(message, dict) else None
+        role = ROLES.get(name) if isinstance(name, str) else None
         if role is None:
             raise invalid(f"'messages[{i}].role' must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
         if message.get("tool_calls"):

@@ -371,6 +371,10 @@ def _bad_cases(model, image_url):
         "wrong API key": (dict(body={"model": model, "messages": text}, key="wrong"), 401, "invalid_api_key"),
         "no API key": (dict(body={"model": model, "messages": text}, key=None), 401, "invalid_api_key"),
         "unknown role": (dict(body={"model": model, "messages": [{"role": "tool", "content": "x"}]}), 400, None),
+        "role not a string": (dict(body={"model": model, "messages": [{"role": ["user"], "content": "x"}]}), 400, None),
+        "message not an object": (dict(body={"model": model, "messages": ["Hi"]}), 400, None),
+        "content part not an object": (dict(body={"model": model, "messages": [{"role": "user", "content": [7]}]}),
+                                       400, None),
         "image in a system message": (dict(body={"model": model, "messages": [
             {"role": "system", "content": [{"type": "image_url", "image_url": {"url": image_url}}]}]}), 400, None),
         "n=2": (dict(body={"model": model, "messages": text, "n": 2}), 400, None),
