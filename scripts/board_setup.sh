@@ -97,7 +97,7 @@ if [ "$TESTS" = 1 ]; then
 fi
 
 if [ "$DRY" = 1 ]; then
-    say "dry run: the checks would run next ($VPY -m board.run --checks)"
+    say "dry run: the board checks (board.system_checks) would run next"
     exit 0
 fi
 
