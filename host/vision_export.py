@@ -163,7 +163,7 @@ def _vision_tower_class():
 
         @torch.no_grad()
         def reference(self, pixels: np.ndarray) -> np.ndarray:
-            """transformers' own path (bucketized positions, default attention) on normalized [n,3,T,T] tiles."""
+            """transformers' own vision forward (bucketized positions) + connector on normalized [n,3,T,T] tiles."""
             out = []
             for tile in pixels:
                 x = torch.from_numpy(np.ascontiguousarray(tile[None], dtype=np.float32))

@@ -4,10 +4,12 @@ What a build does, in order (one RKNN object, because the toolkit's simulator on
 has just built, never one loaded from disk):
 1. config: target rk3588; for layouts that take pixels, the checkpoint's image_mean/image_std (scaled to
    the 0..255 input) are baked in, so the board feeds the uint8 NHWC RGB tiles its front end produces;
-2. fp16: `build(do_quantization=False)`. int8 (`w8a8`): calibration on the dataset, then the model's
-   output tail is kept in float16 (float outputs: no int8 requantization of the features the decoder
-   gets), plus any sensitive tensors chosen by hand or by the toolkit's hybrid proposal;
-   or the toolkit's `auto_hybrid` build (which keeps int8 outputs: the runtime dequantizes them);
+2. fp16: `build(do_quantization=False)`. int8 (`w8a8`), by default: calibration on the dataset
+   (hybrid step 1), then the model's output tail is kept in float16 so the model outputs float
+   features (no int8 requantization, no dequantization on the board), plus any sensitive tensors
+   chosen by hand or by the toolkit's hybrid proposal (hybrid step 2). With int8 outputs requested,
+   or the toolkit's `auto_hybrid`, it is the plain `build()` (faster; outputs int8, which the
+   runtime dequantizes);
 3. export; optional per-layer `accuracy_analysis` (in a temp dir, removed after);
 4. the accuracy check: simulator vs PyTorch on held-out tiles, written as JSON next to the model; a
    result below the threshold raises VisionAccuracyError (the CLI exits non-zero);
@@ -160,9 +162,10 @@ class Progress:
             beat = None
             if self.enabled:
                 beat = subprocess.Popen(
-                    ["sh", "-c", 'e=0; while sleep "$H"; do e=$((e + H)); '
+                    # stops by itself if this process dies ($P gone) so it never outlives a killed build
+                    ["sh", "-c", 'e=0; while sleep "$H" && kill -0 "$P" 2>/dev/null; do e=$((e + H)); '
                                  'printf "[vision %6ss]   %s: still running (%ss)\\n" $((B + e)) "$W" $e; done'],
-                    env={"H": str(int(self.heartbeat_s)), "B": str(int(t0 - self.start)), "W": what,
+                    env={"H": str(int(self.heartbeat_s)), "B": str(int(t0 - self.start)), "W": what, "P": str(os.getpid()),
                          "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                     stdout=saved_err, stderr=subprocess.DEVNULL,
                 )
@@ -414,10 +417,12 @@ def build_vision_rknn(
             if options.dtype == "fp16":
                 with progress.step("fp16 build", log):
                     _check(rknn.build(do_quantization=False), "build", log)
-            elif quant.hybrid == "auto":
-                with progress.step(f"int8 build (auto_hybrid, {quant.algorithm}/{quant.method})", log):
-                    _check(rknn.build(do_quantization=True, dataset=str(dataset), auto_hybrid=True), "build", log)
-                report["float16_tensors"] = "auto"
+            elif quant.hybrid == "auto" or not (quant.float_outputs or quant.fp16_tensors or quant.hybrid != "off"):
+                # the plain build: faster than the two hybrid steps, but its outputs are int8
+                auto = quant.hybrid == "auto"
+                with progress.step(f"int8 build ({quant.algorithm}/{quant.method}{', auto_hybrid' if auto else ''})", log):
+                    _check(rknn.build(do_quantization=True, dataset=str(dataset), auto_hybrid=auto), "build", log)
+                report["float16_tensors"] = "auto" if auto else []
                 report["float_outputs"] = False
             else:
                 rknn, report["float16_tensors"] = _quantize_hybrid(rknn, onnx_path, Path(dataset), quant, Path(tmp),
@@ -578,7 +583,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                              "or 'auto' (toolkit's auto_hybrid build; outputs stay int8)")
     parser.add_argument("--fp16-tensor", action="append", default=[], metavar="NAME",
                         help="tensor (from the toolkit's .quantization.cfg) to keep in float16; repeatable")
-    parser.add_argument("--int8-outputs", action="store_true", help="let the int8 model output int8 (default: float)")
+    parser.add_argument("--int8-outputs", action="store_true",
+                        help="int8 model outputs int8 (the runtime dequantizes): the plain, faster build path")
     parser.add_argument("--auto-hybrid-cos-thresh", type=float, default=0.98)
     parser.add_argument("--min-cosine", type=float, default=None,
                         help=f"fail below this simulator cosine (default {DEFAULT_MIN_COSINE})")

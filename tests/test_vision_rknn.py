@@ -94,6 +94,15 @@ def test_int8_keeps_float_outputs(builds, family):
     assert [op["dtype"] for op in inputs] == ["INT8"]
 
 
+def test_int8_outputs_on_request(checkpoints, tmp_path):
+    """--int8-outputs takes the toolkit's plain build; the output is int8 and still accurate."""
+    options = BuildOptions(dtype="int8", quant=QuantOptions(float_outputs=False))
+    report = _convert(checkpoints["256m"], tmp_path, options)
+    assert report["float_outputs"] is False and report["accuracy"]["cosine_min"] >= 0.99
+    outputs = [op for op in parse_op_table((tmp_path / "vision.log").read_text()) if op["op"] == "OutputOperator"]
+    assert [op["dtype"] for op in outputs] == ["INT8"]
+
+
 def test_op_table_parsed_from_a_real_build(builds):
     out, report = builds["256m", "fp16"]
     ops = parse_op_table((out / "vision.log").read_text())
