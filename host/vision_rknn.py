@@ -1,7 +1,7 @@
 """Build `vision.rknn` for the RK3588 from the exported vision ONNX, and prove it in the simulator.
 
-What a build does, in order (one RKNN object, because the toolkit's simulator only runs a model it
-has just built, never one loaded from disk):
+What a build does, in order (all in-process: the toolkit's simulator only runs a model the same RKNN
+object has just built, never one loaded from disk):
 1. config: target rk3588; for layouts that take pixels, the checkpoint's image_mean/image_std (scaled to
    the 0..255 input) are baked in, so the board feeds the uint8 NHWC RGB tiles its front end produces;
 2. fp16: `build(do_quantization=False)`. int8 (`w8a8`), by default: calibration on the dataset
@@ -80,6 +80,12 @@ class QuantOptions:
     float_outputs: bool = True
     auto_hybrid_cos_thresh: float = 0.98
     proposal_samples: int = 1
+
+    @property
+    def hybrid_steps(self) -> bool:
+        """True: calibrate and build through hybrid_quantization_step1/2 (needed for float outputs and
+        chosen float16 tensors); False: the toolkit's plain build(), faster, int8 outputs."""
+        return self.hybrid == "proposal" or (self.hybrid == "off" and (self.float_outputs or bool(self.fp16_tensors)))
 
     def validate(self) -> None:
         if self.algorithm not in QUANTIZED_ALGORITHMS:
@@ -417,8 +423,7 @@ def build_vision_rknn(
             if options.dtype == "fp16":
                 with progress.step("fp16 build", log):
                     _check(rknn.build(do_quantization=False), "build", log)
-            elif quant.hybrid == "auto" or not (quant.float_outputs or quant.fp16_tensors or quant.hybrid != "off"):
-                # the plain build: faster than the two hybrid steps, but its outputs are int8
+            elif not quant.hybrid_steps:
                 auto = quant.hybrid == "auto"
                 with progress.step(f"int8 build ({quant.algorithm}/{quant.method}{', auto_hybrid' if auto else ''})", log):
                     _check(rknn.build(do_quantization=True, dataset=str(dataset), auto_hybrid=auto), "build", log)
@@ -430,6 +435,7 @@ def build_vision_rknn(
                 report["float_outputs"] = quant.float_outputs
             with progress.step("export", log):
                 _check(rknn.export_rknn(str(rknn_path)), "export_rknn", log)
+            build_log_bytes = log.stat().st_size  # the op table to parse is the build's, not a later step's
             report["build_s"] = round(time.monotonic() - t_build, 1)
             report["rknn_mb"] = round(rknn_path.stat().st_size / 1e6, 1)
 
@@ -458,7 +464,7 @@ def build_vision_rknn(
     report["accuracy"] = accuracy
     acc_json.write_text(json.dumps({k: report[k] for k in report if k != "ops"}, indent=2) + "\n")
 
-    ops = parse_op_table(log.read_text(errors="replace"))
+    ops = parse_op_table(log.read_bytes()[:build_log_bytes].decode(errors="replace"))
     summary = summarize_ops(ops)
     ops_json.write_text(json.dumps({**summary, "ops": ops}, indent=2) + "\n")
     report["ops"] = summary
