@@ -69,6 +69,8 @@ from board.vision import NPU_CORE_MODES  # noqa: E402
 API_KEY_ENV = "SMOLVLM_API_KEY"
 SEQ_HEADER = "X-SmolVLM-Seq"  # the order in which the NPU worker started this request (1, 2, ...)
 _POLL_S = 0.2  # how often a waiting HTTP thread checks whether its client is still there
+# A refused request's body is read and dropped (up to this size and time) before the connection closes.
+_DRAIN_BYTES, _DRAIN_S = 64 << 20, 10.0
 
 
 @dataclass
@@ -276,6 +278,26 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
+    def _drain_body(self) -> None:
+        """Read and drop the body of a request refused before reading it (bounded in bytes and time), so a
+        client that sends its whole body before reading the answer gets the error, not a broken pipe."""
+        try:
+            left = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if left > _DRAIN_BYTES:
+            return
+        deadline = time.monotonic() + _DRAIN_S
+        try:
+            self.connection.settimeout(_DRAIN_S)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except OSError:
+            return
+
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
@@ -291,6 +313,7 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(413, f"the request body is {size} bytes; this server takes at most "
                            f"{self.server.config.max_body_bytes}", code="request_too_large")
         data = self.rfile.read(size)
+        self._body_read = True
         if len(data) != size:
             self.close_connection = True
             raise APIError(400, "the request body ended early")
@@ -324,6 +347,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = urlparse(self.path).path.rstrip("/")
+        self._body_read = False
         try:
             if path != "/v1/chat/completions":
                 self.close_connection = True
@@ -338,6 +362,8 @@ class Handler(BaseHTTPRequestHandler):
             self._complete(request)
         except APIError as err:
             self._send_error(err)
+            if not self._body_read:
+                self._drain_body()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as err:  # noqa: BLE001 - a bug: answer 500 and keep serving

@@ -366,7 +366,7 @@ def _bad_cases(model, image_url):
         "not an image": (dict(body={"model": model, "messages": [image_message(not_png)]}), 400, "invalid_image"),
         "too many pixels": (dict(body={"model": model, "messages": [image_message("big.png")]}), 400, "invalid_image"),
         "too many images": (dict(body={"model": model, "messages": three}), 400, "too_many_images"),
-        "oversize body": (dict(body={"model": model, "messages": [{"role": "user", "content": "x" * (3 << 20)}]}), 413,
+        "oversize body": (dict(body={"model": model, "messages": [{"role": "user", "content": "x" * (12 << 20)}]}), 413,
                           "request_too_large"),
         "wrong API key": (dict(body={"model": model, "messages": text}, key="wrong"), 401, "invalid_api_key"),
         "no API key": (dict(body={"model": model, "messages": text}, key=None), 401, "invalid_api_key"),
