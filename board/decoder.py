@@ -18,6 +18,8 @@ from typing import Iterator, Optional, Protocol
 
 import numpy as np
 
+from .errors import InputError, PromptError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,6 +35,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.top_k == 1 or self.temperature == 0.0
+
+    def checked(self) -> "SamplingParams":
+        """Self, after refusing values no backend can honour."""
+        if (self.max_new_tokens < 1 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or self.temperature < 0
+                or self.repeat_penalty <= 0):
+            raise InputError(f"invalid sampling parameters: {self}")
+        return self
 
 
 @dataclass
@@ -113,3 +122,27 @@ class Decoder(Protocol):
     def close(self) -> None:
         """Release the model; safe to call twice."""
         ...
+
+
+def checked_embeddings(embeddings: np.ndarray, hidden_size: int, cached: int, max_context: int) -> np.ndarray:
+    """The sequence as C-contiguous float32 [n, hidden_size], refused before it reaches a backend if its
+    width, values or length (with `cached` tokens already in the context) cannot work."""
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[1] != hidden_size:
+        raise PromptError(
+            f"embeddings must be [n_tokens, {hidden_size}] (the decoder's hidden size), got {list(emb.shape)}",
+            hint="the vision model and the decoder come from different models; rebuild the bundle",
+        )
+    if emb.shape[0] == 0:
+        raise PromptError("embeddings are empty: nothing to feed the decoder")
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if not np.isfinite(emb).all():
+        raise PromptError("embeddings contain NaN or infinity")
+    if cached + emb.shape[0] >= max_context:
+        raise PromptError(
+            f"the sequence does not fit the context: {cached} cached + {emb.shape[0]} new tokens, "
+            f"max_context is {max_context}",
+            hint="use fewer image tiles or a shorter prompt, reset the conversation, "
+            "or rebuild the bundle with a larger context",
+        )
+    return emb

@@ -32,8 +32,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import rkllm_h as C
-from .decoder import DecodeStats, GenerationStep, SamplingParams
-from .errors import BundleError, DecoderError, InputError, PromptError
+from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings
+from .errors import BundleError, DecoderError, InputError
 
 # The RK3588's Cortex-A76 cores, which Rockchip's own demos give the runtime.
 RK3588_BIG_CORES = (4, 5, 6, 7)
@@ -166,7 +166,7 @@ class RKLLMDecoder:
         self.model_path = Path(model_path)
         self.hidden_size = int(hidden_size)
         self.max_context = int(max_context)
-        self.sampling = _checked_sampling(sampling)
+        self.sampling = sampling.checked()
         if self.hidden_size <= 0 or self.max_context <= 0:
             raise InputError(f"hidden_size and max_context must be positive, got {hidden_size} and {max_context}")
         if not self.model_path.is_file():
@@ -219,31 +219,14 @@ class RKLLMDecoder:
         Everything that can be checked without the runtime is checked here, before the iterator
         exists: the shape (width = hidden_size), finite values, and room in the context.
         """
-        sampling = _checked_sampling(sampling if sampling is not None else self.sampling)
+        sampling = (sampling if sampling is not None else self.sampling).checked()
         if sampling.seed is not None and not sampling.greedy:
             warnings.warn("librkllmrt has no sampling seed; this sampled output is not reproducible", stacklevel=2)
-        emb = np.asarray(embeddings)
-        if emb.ndim != 2 or emb.shape[1] != self.hidden_size:
-            raise PromptError(
-                f"embeddings must be [n_tokens, {self.hidden_size}] (the decoder's hidden size), got {list(emb.shape)}",
-                hint="the vision model and the decoder come from different models; rebuild the bundle",
-            )
-        if emb.shape[0] == 0:
-            raise PromptError("embeddings are empty: nothing to feed the decoder")
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
-        if not np.isfinite(emb).all():
-            raise PromptError("embeddings contain NaN or infinity")
         handle = self._require_open()
         if self._busy.locked():
             raise DecoderError("generate() is already running on this decoder")
-        used = self._kv_cache_size(handle) if keep_history else 0
-        if used + emb.shape[0] >= self.max_context:
-            raise PromptError(
-                f"the sequence does not fit the context: {used} cached + {emb.shape[0]} new tokens, "
-                f"max_context is {self.max_context}",
-                hint="use fewer image tiles or a shorter prompt, reset() the conversation, "
-                "or rebuild the bundle with a larger context",
-            )
+        cached = self._kv_cache_size(handle) if keep_history else 0
+        emb = checked_embeddings(embeddings, self.hidden_size, cached, self.max_context)
         c_sampling = C.RKLLMSamplingParam()
         for name, _ in C.RKLLMSamplingParam._fields_:
             setattr(c_sampling, name, getattr(self._param, name))
@@ -402,12 +385,6 @@ class RKLLMDecoder:
 def _check(rc: int, function: str) -> None:
     if rc != 0:
         raise DecoderError(f"{function} failed with code {rc}")
-
-
-def _checked_sampling(s: SamplingParams) -> SamplingParams:
-    if s.max_new_tokens < 1 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0 or s.temperature < 0 or s.repeat_penalty <= 0:
-        raise InputError(f"invalid sampling parameters: {s}")
-    return s
 
 
 def _apply_sampling(target: Union[C.RKLLMParam, C.RKLLMSamplingParam], s: SamplingParams) -> None:

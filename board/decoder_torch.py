@@ -22,8 +22,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .decoder import DecodeStats, GenerationStep, SamplingParams
-from .errors import BundleError, DecoderError, InputError, PromptError, RuntimeUnavailable
+from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings
+from .errors import BundleError, DecoderError, RuntimeUnavailable
 
 
 class IncrementalDetokenizer:
@@ -124,33 +124,13 @@ class TorchDecoder:
         self, embeddings: np.ndarray, *, sampling: Optional[SamplingParams] = None, keep_history: bool = False
     ) -> Iterator[GenerationStep]:
         """Feed `embeddings` ([n_tokens, hidden_size]) and stream the continuation (checks run here, eagerly)."""
-        sampling = sampling if sampling is not None else self.sampling
-        s = sampling
-        if s.max_new_tokens < 1 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0 or s.temperature < 0 or s.repeat_penalty <= 0:
-            raise InputError(f"invalid sampling parameters: {s}")
-        emb = np.asarray(embeddings)
-        if emb.ndim != 2 or emb.shape[1] != self.hidden_size:
-            raise PromptError(
-                f"embeddings must be [n_tokens, {self.hidden_size}] (the decoder's hidden size), got {list(emb.shape)}",
-                hint="the vision model and the decoder come from different models; rebuild the bundle",
-            )
-        if emb.shape[0] == 0:
-            raise PromptError("embeddings are empty: nothing to feed the decoder")
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
-        if not np.isfinite(emb).all():
-            raise PromptError("embeddings contain NaN or infinity")
+        sampling = (sampling if sampling is not None else self.sampling).checked()
         if self._closed:
             raise DecoderError("the decoder is closed")
         if self._busy.locked():
             raise DecoderError("generate() is already running on this decoder")
-        used = self.history_tokens if keep_history else 0
-        if used + emb.shape[0] >= self.max_context:
-            raise PromptError(
-                f"the sequence does not fit the context: {used} cached + {emb.shape[0]} new tokens, "
-                f"max_context is {self.max_context}",
-                hint="use fewer image tiles or a shorter prompt, reset the conversation, "
-                "or rebuild the bundle with a larger context",
-            )
+        cached = self.history_tokens if keep_history else 0
+        emb = checked_embeddings(embeddings, self.hidden_size, cached, self.max_context)
         return self._stream(emb, sampling, keep_history)
 
     def abort(self) -> None:

@@ -58,7 +58,6 @@ from board.openai_schemas import (  # noqa: E402
     chat_chunk,
     chat_completion,
     completion_id,
-    error_body,
     model_card,
     model_list,
     parse_chat_request,
