@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -27,3 +29,17 @@ def tiny_checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+BOARD_BUNDLE_ENV = "SMOLVLM_BUNDLE"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir() -> Path:
+    """The real bundle on-board tests (-m rk3588) run against; skipped off the board, with the reason."""
+    if platform.machine() != "aarch64":
+        pytest.skip(f"needs an RK3588 board (this is {platform.machine()})")
+    path = os.environ.get(BOARD_BUNDLE_ENV)
+    if not path:
+        pytest.skip(f"set {BOARD_BUNDLE_ENV} to a bundle folder made by host.convert (with decoder.rkllm)")
+    return Path(path).expanduser()

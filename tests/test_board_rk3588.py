@@ -11,8 +11,6 @@ needs the runtime to keep the generated end-of-turn token in its cache and repor
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,20 +21,9 @@ import pytest
 
 from board.decoder import GenerationResult, SamplingParams
 
-BUNDLE_ENV = "SMOLVLM_BUNDLE"
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.rk3588
-
-
-@pytest.fixture(scope="module")
-def bundle_dir() -> Path:
-    if platform.machine() != "aarch64":
-        pytest.skip(f"needs an RK3588 board (this is {platform.machine()})")
-    path = os.environ.get(BUNDLE_ENV)
-    if not path:
-        pytest.skip(f"set {BUNDLE_ENV} to a bundle folder made by host.convert (with decoder.rkllm)")
-    return Path(path).expanduser()
 
 
 @pytest.fixture(scope="module")

@@ -15,29 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 import pytest
 
 from board.bench import budget_entry, check_budget, run_bench
 
-BUNDLE_ENV, RUNS_ENV, OUT_ENV = "SMOLVLM_BUNDLE", "SMOLVLM_BENCH_RUNS", "SMOLVLM_BENCH_OUT"
+RUNS_ENV, OUT_ENV = "SMOLVLM_BENCH_RUNS", "SMOLVLM_BENCH_OUT"
 BUDGETS_FILE = Path(__file__).resolve().parent / "rk3588_budgets.json"
 BUDGETS = json.loads(BUDGETS_FILE.read_text())
 STAGES = sorted({key for model in BUDGETS["models"] for key in model["budgets"]})
 
 pytestmark = pytest.mark.rk3588
-
-
-@pytest.fixture(scope="module")
-def bundle_dir() -> Path:
-    if platform.machine() != "aarch64":
-        pytest.skip(f"needs an RK3588 board (this is {platform.machine()})")
-    path = os.environ.get(BUNDLE_ENV)
-    if not path:
-        pytest.skip(f"set {BUNDLE_ENV} to a bundle folder made by host.convert (with decoder.rkllm)")
-    return Path(path).expanduser()
 
 
 @pytest.fixture(scope="module")
