@@ -183,6 +183,43 @@ def normalize_tiles(tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
     return (chw * scale - mean) / std
 
 
+# patch rows are zero-padded to a multiple of this many values: rknn-toolkit2 2.5.0 runs the first
+# Reshape of a 3-D input on the CPU unless its last dimension is a multiple of 16 (int8; 8 for fp16),
+# measured; 16x16x3 = 768 needs no padding, 14x14x3 = 588 becomes 592
+PATCH_ROW_ALIGN = 16
+
+
+def patch_row_length(patch: int) -> int:
+    """Values per patch row: p*p*3, padded to PATCH_ROW_ALIGN."""
+    return -(-patch * patch * 3 // PATCH_ROW_ALIGN) * PATCH_ROW_ALIGN
+
+
+def patchify(tiles: np.ndarray, patch: int) -> np.ndarray:
+    """uint8 NHWC tiles [n, T, T, 3] -> their patch rows [n, G*G, patch_row_length(p)] with G = T // p, uint8.
+
+    What the `patches` vision layout feeds the NPU instead of the tile, so the model starts with a
+    MatMul rather than the stride-p Conv (whose 3 input channels waste the NPU's lanes). Row r is the
+    patch at grid (r // G, r % G), the order of the reference's Conv output flattened; inside a row
+    the p*p*3 values are in (y, x, channel) order, the tile's own memory order, so the copy moves runs
+    of p*3 bytes, then zeros up to the aligned length. Like the reference's "valid" Conv, the last
+    T - G*p pixel rows and columns are not used (384 = 27 * 14 + 6 for the 2.2B family). The host
+    folds its Conv weights into this order (host.vision_export) and cuts calibration tiles with this
+    function, so the three cannot drift.
+    """
+    n, height, width, channels = tiles.shape
+    if height != width or channels != 3 or height < patch:
+        raise ValueError(f"patchify wants square [n, T, T, 3] tiles of at least {patch} pixels, got {list(tiles.shape)}")
+    grid = height // patch
+    side = grid * patch
+    values, length = patch * patch * 3, patch_row_length(patch)
+    rows = tiles[:, :side, :side].reshape(n, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    if length == values:
+        return np.ascontiguousarray(rows).reshape(n, grid * grid, values)
+    out = np.zeros((n, grid * grid, length), np.uint8)
+    out[..., :values] = rows.reshape(n, grid * grid, values)
+    return out
+
+
 def split_image(rgb: np.ndarray, settings: SplitSettings) -> TiledImage:
     """Cut an HxWx3 uint8 RGB image into the reference's tiles."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:

@@ -12,8 +12,10 @@ One small interface, `VisionEncoder.encode(tiles)`: uint8 NHWC RGB tiles [n, T, 
   computes from the same uint8 tile: the normalization the RKNN build bakes in,
   (x - mean/rescale) / (std/rescale).
 
-How a tile enters the model is the bundle's vision layout (`vision.layout` in the manifest): the
-`conv` layout takes the tile as it is (NHWC uint8 on the NPU, normalized NCHW float in ONNX).
+How a tile enters the model is the bundle's vision layout (`vision.layout` in the manifest, see
+`tile_feed`): `conv` takes the tile as it is (NHWC uint8 on the NPU, normalized NCHW float in ONNX);
+`patches<p>` (e.g. `patches16`) takes the tile's p x p patch rows (`tiles.patchify`), raw values, the
+normalization being folded into the model's first MatMul.
 
 `VisionCache` keeps an image's rows for the session, keyed by a hash of the image bytes and the
 tile settings, so a follow-up question about the same picture does not encode it again.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +36,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from .errors import RuntimeUnavailable, VisionError
-from .tiles import SplitSettings, TilePlan
+from .tiles import SplitSettings, TilePlan, patchify
 
 NPU_CORE_MODES = ("parallel", "single", "all")
 _RKNNLITE_HINT = "pip install rknn-toolkit-lite2==2.5.0 on the board (aarch64), and put librknnrt.so in /usr/lib"
@@ -63,18 +66,39 @@ class TileFeed:
     onnx_input: Callable[[np.ndarray, SplitSettings], np.ndarray]
 
 
+def _patch_feed(patch: int) -> TileFeed:
+    """The tile as its patch rows: uint8 [1, (T/p)^2, L] (tiles.patchify) to rknnlite, as float32 to ONNX.
+
+    The RKNN model's input is 3-D, so no data_format is passed (rknnlite applies data_format to 4-D
+    inputs only) and the uint8 array goes in as it is: the runtime converts it to the model's input
+    type (float16, or int8 with the input's quantization), and nothing is normalized on the way:
+    the model's weights carry the normalization.
+    """
+    return TileFeed(
+        f"patches{patch}",
+        lambda tile: patchify(tile[None], patch),
+        None,
+        lambda tiles, settings: patchify(tiles, patch).astype(np.float32),
+    )
+
+
+# fixed layouts by name; `patches<p>` layouts are made for their patch size p by tile_feed
 FEEDS = {"conv": TileFeed("conv", _conv_npu, "nhwc", _conv_onnx)}
+_PATCHES = re.compile(r"patches([1-9][0-9]*)")
 
 
 def tile_feed(layout: str) -> TileFeed:
-    try:
+    """The feed for the manifest's vision.layout: a FEEDS name, or `patches<p>` (patch size p)."""
+    if layout in FEEDS:
         return FEEDS[layout]
-    except KeyError:
-        raise VisionError(
-            f"the bundle's vision model takes the '{layout}' input layout, which this runtime does not know "
-            f"(it knows: {', '.join(FEEDS)})",
-            hint="update the board code to the version that converted the bundle",
-        ) from None
+    match = _PATCHES.fullmatch(layout)
+    if match:
+        return _patch_feed(int(match.group(1)))
+    raise VisionError(
+        f"the bundle's vision model takes the '{layout}' input layout, which this runtime does not know "
+        f"(it knows: {', '.join(FEEDS)}, patches<p>)",
+        hint="update the board code to the version that converted the bundle",
+    )
 
 
 # -- encoders ---------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ class Job:
         from host.vision_export import vision_tower
 
         inner = self.model.model
-        return vision_tower(inner.vision_model, inner.connector, "conv")
+        return vision_tower(inner.vision_model, inner.connector, self.args.vision_layout, settings=self.settings)
 
     def release_model(self) -> None:
         """Free the PyTorch weights before the toolkits load their own copies."""
@@ -508,7 +508,8 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         from calibration.decoder_dataset import DATASET
 
         stages.run("calibration", calibration_key, [f"{B.HOST_DIR}/{DATASET}"], lambda: stage_calibration(job, text))
-    vision_key = fingerprint("vision", base, asdict(v_options), images_key if v_options.dtype == "int8" else None,
+    vision_key = fingerprint("vision", base, asdict(v_options), args.vision_layout,
+                             images_key if v_options.dtype == "int8" else None,
                              holdout_key, package_version("rknn-toolkit2"))
     vision = stages.run("vision", vision_key, [B.VISION_RKNN, B.VISION_ONNX], lambda: stage_vision(job, v_options))
     job.release_model()
@@ -562,6 +563,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from host.checkpoint import DEFAULT_MODEL
     from host.tiny_model import FAMILIES
+    from host.vision_export import DEFAULT_LAYOUT, LAYOUTS
     from host.vision_rknn import HYBRID_MODES, QUANTIZED_ALGORITHMS, QUANTIZED_METHODS
 
     parser = argparse.ArgumentParser(
@@ -588,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="redo every stage")
     parser.add_argument("--quiet", action="store_true", help="no progress lines (errors and the summary only)")
     vision = parser.add_argument_group("vision model (rknn-toolkit2)")
+    vision.add_argument("--vision-layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT,
+                        help="how the board hands a tile to the NPU: 'patches' (its patch rows into a MatMul, "
+                             "the normalization folded into the weights) or 'conv' (the tile into transformers' "
+                             "patch Conv, as Rockchip's demo); recorded in the manifest (docs/vision_variants.md)")
     vision.add_argument("--vision-dtype", choices=("fp16", "int8"), default="fp16")
     vision.add_argument("--vision-algorithm", choices=QUANTIZED_ALGORITHMS, default="normal",
                         help="int8 calibration algorithm (mmse is very slow: ~22 min for SigLIP-B on 2 cores)")

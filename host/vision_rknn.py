@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -45,7 +46,7 @@ import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from board.tiles import SplitSettings
-from host.vision_export import LAYOUTS, agreement
+from host.vision_export import DEFAULT_LAYOUT, LAYOUTS, agreement
 
 TARGET_PLATFORM = "rk3588"
 DEFAULT_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
@@ -254,13 +255,19 @@ def parse_op_table(log_text: str) -> list[dict[str, Any]]:
 def summarize_ops(ops: list[dict[str, Any]], top: int = 5) -> dict[str, Any]:
     """Estimated cycles per tile, CPU fallbacks (input/output operators aside), the most expensive ops.
 
-    The estimate is the compiler's own; some fused ops (exSDPAttention, exNorm) report 0 there, so it
-    is a proxy for comparing exports of the same model, not a latency.
+    The estimate is the compiler's own and counts only Conv-class ops (MatMuls become 1x1 Convs):
+    fused attention (exSDPAttention), exNorm, exGelu, Add, Split, Reshape and Transpose all report 0,
+    listed under `zero_cycle_ops`. So it is a proxy for comparing exports of the same model (the
+    attention's QK^T and AV products, ~18% of SigLIP-B/16@512's MACs, are missing from every
+    figure), not a latency.
     """
     compute = [op for op in ops if op["op"] not in _IO_OPS]
     by_type: dict[str, int] = {}
+    zero: dict[str, int] = {}
     for op in compute:
         by_type[op["op"]] = by_type.get(op["op"], 0) + op["cycles_total"]
+        if op["cycles_total"] == 0:
+            zero[op["op"]] = zero.get(op["op"], 0) + 1
     return {
         "est_cycles_per_tile": sum(op["cycles_total"] for op in compute),
         "est_cycles_ddr": sum(op["cycles_ddr"] for op in compute),
@@ -272,7 +279,19 @@ def summarize_ops(ops: list[dict[str, Any]], top: int = 5) -> dict[str, Any]:
             for op in sorted(compute, key=lambda o: o["cycles_total"], reverse=True)[:top]
         ],
         "cycles_by_op_type": dict(sorted(by_type.items(), key=lambda kv: kv[1], reverse=True)),
+        "zero_cycle_ops": dict(sorted(zero.items())),
     }
+
+
+NPU_HZ = 1e9  # the RK3588 NPU's top clock
+NPU_CORES = 3
+EST_IMAGE_FORMULA = "ceil(tiles / 3) * est_cycles_per_tile / 1e9 s: one single-core runtime per NPU core, 1 GHz"
+
+
+def est_image_ms(cycles_per_tile: int, tiles: int = 17) -> float:
+    """A fully split image's encode time from the estimate: tiles spread over one runtime per NPU core
+    (board.vision's 'parallel' mode), each core running a whole tile at NPU_HZ (EST_IMAGE_FORMULA)."""
+    return round(math.ceil(tiles / NPU_CORES) * cycles_per_tile / NPU_HZ * 1e3, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +420,8 @@ def build_vision_rknn(
     log.write_text("")
     quant = options.quant
     report: dict[str, Any] = {
-        "model": rknn_path.name, "dtype": options.dtype, "layout": layout.name, "target_platform": options.target_platform,
+        "model": rknn_path.name, "dtype": options.dtype, "layout": layout.manifest_name,
+        "target_platform": options.target_platform,
         "quantization": asdict(quant) if options.dtype == "int8" else None,
         **(provenance or {}),
     }
@@ -520,11 +540,12 @@ def convert_vision(
     holdout_tiles: int = 8,
     name: str = "vision",
     progress: Progress | None = None,
+    opset: int | None = None,
 ) -> dict[str, Any]:
     """Export the tower to ONNX (checked in ONNX Runtime), cut calibration and hold-out tiles with the
-    board's splitter, build `<name>.rknn` and check it. Defaults: the shipped image sets."""
+    board's splitter, build `<name>.rknn` and check it. Defaults: the shipped image sets, DEFAULT_OPSET."""
     from calibration.vision_tiles import cut_tiles, default_images, write_dataset
-    from host.vision_export import export_onnx, reference_features, validate_onnx
+    from host.vision_export import DEFAULT_OPSET, export_onnx, reference_features, validate_onnx
 
     options = options or BuildOptions()
     options.validate()
@@ -540,8 +561,8 @@ def convert_vision(
     progress.say(f"{len(holdout)} held-out tiles; PyTorch reference features ...")
     reference = reference_features(tower, holdout, settings)
     onnx_path = out / f"{name}.onnx"
-    progress.say(f"exporting {onnx_path.name} (layout {tower.layout.name}) ...")
-    export_onnx(tower, onnx_path)
+    progress.say(f"exporting {onnx_path.name} (layout {tower.layout.manifest_name}) ...")
+    export_onnx(tower, onnx_path, opset or DEFAULT_OPSET)
     onnx_check = validate_onnx(tower, onnx_path, holdout[:2], settings)
     progress.say(f"ONNX Runtime vs PyTorch: cosine min {onnx_check['cosine_min']:.6f}, max abs {onnx_check['max_abs_err']:.3g}")
     if onnx_check["cosine_min"] < 0.9999:
@@ -563,6 +584,8 @@ def convert_vision(
         )
     report["onnx_check"] = onnx_check
     report["geometry"] = asdict(tower.geometry)
+    report["graph_forms"] = asdict(tower.forms)
+    report["opset"] = opset or DEFAULT_OPSET
     return report
 
 
@@ -606,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert a SmolVLM vision tower + connector to RKNN for the RK3588.")
     parser.add_argument("--model", required=True, help="Hugging Face id or checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder (vision.onnx, vision.rknn, its JSON reports and log)")
-    parser.add_argument("--layout", choices=tuple(LAYOUTS), default="conv", help="how a tile enters the vision graph")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT,
+                        help="how a tile enters the vision graph (docs/vision_variants.md)")
     parser.add_argument("--calibration", nargs="+", help="calibration images or folders (default: the shipped set)")
     parser.add_argument("--holdout", nargs="+", help="held-out images or folders (default: the shipped set)")
     parser.add_argument("--calibration-per-image", type=int, default=2)

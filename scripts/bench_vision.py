@@ -9,12 +9,20 @@ JSON to stdout:
 
     .venv/bin/python scripts/bench_vision.py --dtype int8 --family 256m
 
-A full-size build takes ~1-3 min and ~5 GB of RAM on 2 cores; run one at a time.
+Every speed figure is a ratio to a baseline built in the same run from the same weights: the
+demo-style export (transformers' Conv patch embedding, fp16, normalization baked in). The estimate
+is the compiler's cycle count per tile (see host.vision_rknn.summarize_ops for what it leaves out);
+est_17_tiles_ms_3cores = ceil(17 / 3) * cycles / 1e9 s, a 17-tile image over three single-core
+runtimes at 1 GHz.
+
+A full-size build takes ~1-8 min and 3-6 GB of RAM on 2 cores (the baseline as much again); run one
+at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -27,7 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from board.errors import SmolVLMError  # noqa: E402
 from board.tiles import SplitSettings  # noqa: E402
 from host.tiny_model import FAMILIES  # noqa: E402
-from host.vision_rknn import add_build_arguments, convert_vision, options_from_args  # noqa: E402
+from host.vision_export import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402
+from host.vision_rknn import (  # noqa: E402
+    EST_IMAGE_FORMULA,
+    BuildOptions,
+    add_build_arguments,
+    convert_vision,
+    est_image_ms,
+    options_from_args,
+)
 
 # Published vision shapes: SigLIP-B/16 at 512 for 256M/500M, SigLIP SO400M/14 at 384 for 2.2B; the
 # connector projects vision_hidden * scale^2 to the text hidden size. Checked against SmolVLM-256M's
@@ -51,12 +67,45 @@ def peak_rss_mb() -> float:
     return round(max(own, children) / 1024, 1)
 
 
+def load_tower(args: argparse.Namespace, layout: str) -> tuple[object, SplitSettings, str]:
+    """(tower, settings, weights label) for the family's random weights or the checkpoint's, in `layout`."""
+    if args.model:
+        from host.checkpoint import load_checkpoint
+        from host.vision_export import load_vision_tower
+
+        checkpoint = load_checkpoint(args.model)
+        settings = SplitSettings.from_preprocessor(checkpoint.preprocessor)
+        return load_vision_tower(checkpoint, layout=layout), settings, checkpoint.model_id
+    from host.vision_export import random_vision_tower
+
+    shape = FULL_SIZE[args.family]
+    family = FAMILIES[args.family]
+    settings = SplitSettings(longest_edge=family.longest_edge, tile=family.tile)
+    tower = random_vision_tower(shape["vision"], shape["text_hidden"], shape["scale_factor"], seed=args.seed,
+                                layout=layout, settings=settings)
+    return tower, settings, f"random (seed {args.seed})"
+
+
+def build(args: argparse.Namespace, layout: str, options: BuildOptions, out: str, holdout_tiles: int) -> tuple[dict, str]:
+    """One conversion; the tower is dropped before returning so the next build has the memory."""
+    tower, settings, weights = load_tower(args, layout)
+    report = convert_vision(tower, settings, out, options, holdout_tiles=holdout_tiles,
+                            calibration_per_image=args.calibration_per_image)
+    del tower
+    gc.collect()
+    return report, weights
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=tuple(FULL_SIZE), default="256m")
     parser.add_argument("--model", help="Hugging Face id or checkpoint folder: real weights instead of random ones")
-    parser.add_argument("--out", help="keep the ONNX/RKNN/reports here (default: a temp dir, removed)")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT)
+    parser.add_argument("--out", help="keep the ONNX/RKNN/reports here (default: a temp dir, removed); "
+                                      "the baseline goes to its baseline/ subfolder")
     parser.add_argument("--holdout-tiles", type=int, default=8)
+    parser.add_argument("--baseline-holdout-tiles", type=int, default=2,
+                        help="held-out tiles for the baseline's own accuracy check (its cycles need none)")
     parser.add_argument("--calibration-per-image", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     add_build_arguments(parser)
@@ -65,40 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = options_from_args(args)
         options.validate()
-        if args.model:
-            from host.checkpoint import load_checkpoint
-            from host.vision_export import load_vision_tower
-
-            checkpoint = load_checkpoint(args.model)
-            settings = SplitSettings.from_preprocessor(checkpoint.preprocessor)
-            tower = load_vision_tower(checkpoint)
-            weights = checkpoint.model_id
-        else:
-            from host.vision_export import random_vision_tower
-
-            shape = FULL_SIZE[args.family]
-            family = FAMILIES[args.family]
-            settings = SplitSettings(longest_edge=family.longest_edge, tile=family.tile)
-            tower = random_vision_tower(shape["vision"], shape["text_hidden"], shape["scale_factor"], seed=args.seed)
-            weights = f"random (seed {args.seed})"
         with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp:
-            report = convert_vision(
-                tower, settings, args.out or tmp, options,
-                holdout_tiles=args.holdout_tiles, calibration_per_image=args.calibration_per_image,
-            )
+            out = Path(args.out or tmp)
+            report, weights = build(args, args.layout, options, str(out), args.holdout_tiles)
+            wall_s = round(time.monotonic() - start, 1)
+            peak_mb = peak_rss_mb()
+            baseline, _ = build(args, "conv", BuildOptions(dtype="fp16"), str(out / "baseline"),
+                                args.baseline_holdout_tiles)
     except SmolVLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     accuracy, ops = report["accuracy"], report["ops"]
+    cycles, base_cycles = ops["est_cycles_per_tile"], baseline["ops"]["est_cycles_per_tile"]
     result = {
         "family": args.family if not args.model else report["geometry"],
         "weights": weights,
         "dtype": args.dtype,
         "layout": report["layout"],
         "quantization": report["quantization"],
-        "wall_s": round(time.monotonic() - start, 1),
+        "wall_s": wall_s,
         "build_s": report["build_s"],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb,
         "rknn_mb": report["rknn_mb"],
         "cosine_min": round(accuracy["cosine_min"], 6),
         "cosine_mean": round(accuracy["cosine_mean"], 6),
@@ -106,10 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_err": round(accuracy["max_abs_err"], 5),
         "holdout_tiles": accuracy["tiles"],
         "simulator_s_per_tile": accuracy["simulator_s_per_tile"],
-        "est_cycles_per_tile": ops["est_cycles_per_tile"],
+        "est_cycles_per_tile": cycles,
+        "baseline_est_cycles_per_tile": base_cycles,
+        "est_speedup_vs_baseline": round(base_cycles / cycles, 3),
         "cpu_ops": len(ops["cpu_ops"]),
+        "est_17_tiles_ms_3cores": est_image_ms(cycles),
+        "baseline_est_17_tiles_ms_3cores": est_image_ms(base_cycles),
+        "est_formula": EST_IMAGE_FORMULA,
+        "zero_cycle_ops": ops["zero_cycle_ops"],
         "top_ops": [{"name": op["name"], "cycles": op["cycles_total"]} for op in ops["top_ops"]],
         "onnx_cosine_min": round(report["onnx_check"]["cosine_min"], 8),
+        "baseline": {"layout": baseline["layout"], "dtype": baseline["dtype"], "build_s": baseline["build_s"],
+                     "rknn_mb": baseline["rknn_mb"], "cpu_ops": len(baseline["ops"]["cpu_ops"]),
+                     "cosine_min": round(baseline["accuracy"]["cosine_min"], 6)},
     }
     print(json.dumps(result, indent=2))
     return 0

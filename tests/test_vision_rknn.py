@@ -1,5 +1,6 @@
 """Vision RKNN builds end to end with the real rknn-toolkit2: tiny random-weight towers of both
-geometries, fp16 and int8, checked in the toolkit's simulator against PyTorch on held-out tiles."""
+geometries, fp16 and int8, in the default (patches) layout and the Conv baseline, checked in the
+toolkit's simulator against PyTorch on held-out tiles, with the compiler's op table parsed."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from calibration.vision_tiles import default_images  # noqa: E402
 from host import vision_rknn  # noqa: E402
 from host.checkpoint import load_checkpoint  # noqa: E402
 from host.tiny_model import build_tiny_checkpoint  # noqa: E402
-from host.vision_export import load_vision_tower  # noqa: E402
+from host.vision_export import DEFAULT_LAYOUT, load_vision_tower  # noqa: E402
 from host.vision_rknn import (  # noqa: E402
     BuildOptions,
     Progress,
@@ -50,10 +51,10 @@ def checkpoints(tmp_path_factory):
     return {f: build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in TILES}
 
 
-def _convert(checkpoint_dir, out_dir, options):
+def _convert(checkpoint_dir, out_dir, options, layout=DEFAULT_LAYOUT):
     checkpoint = load_checkpoint(checkpoint_dir)
     return convert_vision(
-        load_vision_tower(checkpoint), SplitSettings.from_preprocessor(checkpoint.preprocessor), out_dir, options,
+        load_vision_tower(checkpoint, layout), SplitSettings.from_preprocessor(checkpoint.preprocessor), out_dir, options,
         calibration_images=default_images("calibration")[:N_CALIBRATION_IMAGES], calibration_per_image=1,
         holdout_tiles=HOLDOUT_TILES, progress=Progress(enabled=False),
     )
@@ -61,12 +62,15 @@ def _convert(checkpoint_dir, out_dir, options):
 
 @pytest.fixture(scope="module")
 def builds(checkpoints, tmp_path_factory):
-    """Every (family, dtype) build, once per module: {(family, dtype): (out_dir, report)}."""
+    """Every (family, dtype) build in the default layout, once per module, and the 256m Conv fp16
+    baseline under (256m, 'baseline'): {(family, dtype): (out_dir, report)}."""
     done = {}
     for family in TILES:
         for dtype in ("fp16", "int8"):
             out = tmp_path_factory.mktemp(f"{family}-{dtype}")
             done[family, dtype] = out, _convert(checkpoints[family], out, BuildOptions(dtype=dtype))
+    out = tmp_path_factory.mktemp("256m-baseline")
+    done["256m", "baseline"] = out, _convert(checkpoints["256m"], out, BuildOptions(dtype="fp16"), layout="conv")
     return done
 
 
@@ -104,7 +108,7 @@ def test_int8_outputs_on_request(checkpoints, tmp_path):
 
 
 def test_op_table_parsed_from_a_real_build(builds):
-    out, report = builds["256m", "fp16"]
+    out, report = builds["256m", "baseline"]
     ops = parse_op_table((out / "vision.log").read_text())
     assert ops[0]["op"] == "InputOperator" and ops[-1]["op"] == "OutputOperator"
     assert [op["id"] for op in ops] == list(range(len(ops)))
@@ -115,6 +119,23 @@ def test_op_table_parsed_from_a_real_build(builds):
     # the stride-16 patch-embedding Conv dominates this export (3 input channels waste the NPU lanes)
     assert "patch_embedding" in summary["top_ops"][0]["name"]
     assert summary == {**report["ops"], "ops": summary["ops"]}
+    assert summary["zero_cycle_ops"]["exSDPAttention"] == 2  # fused attention: counted as 0 (2 tiny layers)
+
+
+@pytest.mark.parametrize("family", sorted(TILES))
+def test_patch_layout_builds_take_patch_rows_and_cost_less(builds, family):
+    """The default layout: a 3-D [1, P, p*p*3] input, no Conv over the 3-channel tile, no CPU op."""
+    rows = {"256m": "(1,1024,768)", "2.2b": "(1,729,592)"}[family]
+    for dtype in ("fp16", "int8"):
+        out, report = builds[family, dtype]
+        assert report["layout"] == {"256m": "patches16", "2.2b": "patches14"}[family]
+        ops = parse_op_table((out / "vision.log").read_text())
+        assert ops[0]["op"] == "InputOperator" and ops[0]["output_shape"] == rows
+        assert not [op for op in ops if op["input_shapes"].startswith(("(1,3,512,512)", "(1,3,384,384)"))]
+        assert report["ops"]["cpu_ops"] == []
+    base = builds["256m", "baseline"][1]["ops"]["est_cycles_per_tile"]
+    if family == "256m":
+        assert builds["256m", "fp16"][1]["ops"]["est_cycles_per_tile"] < base / 2
 
 
 def test_op_table_parser_on_text():

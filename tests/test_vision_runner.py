@@ -163,7 +163,8 @@ def test_onnx_encoder_matches_the_pytorch_reference(tmp_path_factory, tiny_check
     settings = bundle.split_settings
     tiles = np.random.default_rng(1).integers(0, 256, (2, settings.tile, settings.tile, 3), dtype=np.uint8)
     with OnnxVisionEncoder(bundle.verify_host_files(VISION_ONNX), settings=settings,
-                           tokens_per_tile=bundle.prompt_format.image_seq_len, hidden_size=bundle.hidden_size) as enc:
+                           tokens_per_tile=bundle.prompt_format.image_seq_len, hidden_size=bundle.hidden_size,
+                           layout=bundle.vision_layout) as enc:
         ours = enc.encode(tiles)
     expected = reference_features(load_vision_tower(load_checkpoint(tiny_checkpoint("256m"))), tiles, settings)
     assert ours.shape == expected.shape == (2, 64, bundle.hidden_size)
