@@ -79,7 +79,9 @@ class GraphForms:
     """How the exporter writes ops that compute the same thing (all forms agree to float rounding).
 
     attention: transformers' attention code traced into the graph ('eager': MatMul/Softmax/MatMul;
-      'sdpa': torch's scaled_dot_product_attention decomposition).
+      'sdpa': torch's scaled_dot_product_attention decomposition; 'explicit': the softmax written out
+      as Exp/ReduceSum/Div, which the compiler does not fuse into exSDPAttention, so its estimate
+      counts the attention's two products: a measure of what the fused form's 0 leaves out).
     layernorm: 'op' (one LayerNormalization node, opset >= 17) or 'decomposed' (ReduceMean/Sub/Pow/
       Sqrt/Div/Mul/Add), applied only while exporting.
     connector: the pixel shuffle before the projection: 'reference' (transformers' two 4-D permutes),
@@ -91,7 +93,7 @@ class GraphForms:
     layernorm: str = "op"
     connector: str = "reference"
 
-    CHOICES = {"attention": ("eager", "sdpa"), "layernorm": ("op", "decomposed"),
+    CHOICES = {"attention": ("eager", "sdpa", "explicit"), "layernorm": ("op", "decomposed"),
                "connector": ("reference", "blocks", "conv")}
 
     def __post_init__(self) -> None:
@@ -319,6 +321,25 @@ def _modules() -> SimpleNamespace:
             var = (centered * centered).mean(-1, keepdim=True)
             return centered / torch.sqrt(var + self.norm.eps) * self.norm.weight + self.norm.bias
 
+    def explicit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                           **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' eager attention with the softmax written out (GraphForms.attention='explicit').
+
+        Shifted by the row mean (softmax does not change with a per-row shift): an unshifted softmax
+        is fused into exSDPAttention again, and a max shift leaves a ReduceMax on the CPU.
+        """
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = torch.exp(scores - scores.mean(-1, keepdim=True))
+        weights = weights / weights.sum(-1, keepdim=True)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("explicit", explicit_attention)
+
     class VisionTower(nn.Module):
         """One tile -> [1, N, text_hidden]: patch embedding + positions (per layout), encoder, connector."""
 
@@ -372,8 +393,9 @@ def vision_tower(vision_model: Any, connector: Any, layout: str = "conv", attent
     forms = forms or GraphForms()
     if attention is not None:
         forms = replace(forms, attention=attention)
+    modules = _modules()  # registers the 'explicit' attention with transformers
     vision_model.set_attn_implementation(forms.attention)
-    tower = _modules().VisionTower(vision_model, connector, layout, settings, forms)
+    tower = modules.VisionTower(vision_model, connector, layout, settings, forms)
     return tower.eval()
 
 
