@@ -6,14 +6,18 @@ librkllmrt 1.3.0 loads, and librknnrt + rknnlite (the vision runtime) are presen
 transformers) are checked instead.
 
 Every path read is a field of `SystemPaths`, so tests point the checks at a fake /sys and /proc.
+`python -m board.system_checks` prints them and exits with a status naming the first missing piece
+(EXIT_CODES), so a script (scripts/board_setup.sh, the x86 rehearsal) can tell which one it is.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -26,6 +30,11 @@ RKNNRT_NAME = "librknnrt.so"
 SOC_COMPATIBLE = ("rockchip,rk3588", "rockchip,rk3588s")
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+
+# Exit status of `python -m board.system_checks`: the first failed check, in the order a user meets
+# (and fixes) them. 1 and 2 stay free for "unexpected error" and "bad arguments".
+EXIT_READY, EXIT_UNEXPECTED = 0, 1
+EXIT_CODES = {"cpu": 3, "npu driver": 4, "librknnrt": 5, "rknnlite": 6, "librkllmrt": 7}
 
 _RKNNRT_HINT = (
     "get librknnrt.so 2.5.0 from Rockchip's airockchip/rknn-toolkit2 repository "
@@ -40,6 +49,7 @@ class SystemPaths:
 
     npu_debugfs_version: Path = Path("/sys/kernel/debug/rknpu/version")
     npu_module_version: Path = Path("/sys/module/rknpu/version")
+    npu_procfs_version: Path = Path("/proc/rknpu/version")
     device_tree_compatible: Path = Path("/proc/device-tree/compatible")
     mounts: Path = Path("/proc/mounts")
     rknnrt_dirs: tuple[str, ...] = ("/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu", "/lib")
@@ -98,9 +108,11 @@ def _debugfs_mounted(paths: SystemPaths) -> Optional[bool]:
 def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
     """The rknpu kernel driver's version: librkllmrt 1.3.0 needs >= 0.9.8.
 
-    The version is in debugfs, readable by root only; /sys/module/rknpu/version (world-readable, on
-    kernels that export it) is read when debugfs is not. When neither can be read the check warns
-    and says how to look, instead of refusing a board that may be fine.
+    The version is in debugfs, readable by root only; /proc/rknpu/version (drivers built with
+    procfs) and /sys/module/rknpu/version (world-readable, on kernels that export it) are read
+    when debugfs is not. It fails as missing only when debugfs could be searched and none of the
+    three exists; when they cannot be read it warns and says how to look, instead of refusing a
+    board that may be fine.
     """
     name = "npu driver"
     need = ".".join(map(str, MIN_NPU_DRIVER))
@@ -109,7 +121,7 @@ def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
         "(Rockchip's 5.10/6.1 BSP kernels of 2024 or later; check your board vendor's images)"
     )
     text, problem = None, None
-    for source in (paths.npu_debugfs_version, paths.npu_module_version):
+    for source in (paths.npu_debugfs_version, paths.npu_procfs_version, paths.npu_module_version):
         try:
             text = source.read_text(errors="replace").strip()
             break
@@ -119,13 +131,22 @@ def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
             continue
     if text is None:
         how = f"run `sudo cat {paths.npu_debugfs_version}`"
+        mounted = _debugfs_mounted(paths)
         if problem == "permission":
             why = f"{paths.npu_debugfs_version} is readable by root only"
-        elif _debugfs_mounted(paths) is False:
+        elif mounted is False:
             why = "debugfs is not mounted"
             how = f"run `sudo mount -t debugfs none /sys/kernel/debug` then `sudo cat {paths.npu_debugfs_version}`"
+        elif mounted:
+            return CheckResult(
+                name, FAIL,
+                f"no rknpu NPU driver is loaded ({paths.npu_debugfs_version}, {paths.npu_procfs_version} and "
+                f"{paths.npu_module_version} do not exist)",
+                hint=f"use a board OS image whose kernel has Rockchip's rknpu driver >= {need} "
+                "(the vendor BSP kernels; a mainline kernel without it cannot run Rockchip's NPU runtimes)",
+            )
         else:
-            why = f"{paths.npu_debugfs_version} does not exist (no rknpu driver loaded?)"
+            why = f"{paths.npu_debugfs_version} does not exist and {paths.mounts} cannot be read"
         return CheckResult(name, WARN, f"cannot read the NPU driver version: {why}",
                            hint=f"{how}; it must say v{need} or newer")
     version = parse_version(text)
@@ -191,15 +212,20 @@ def run_checks(
     library_dirs: Iterable[Union[str, os.PathLike]] = (),
     paths: SystemPaths = SystemPaths(),
 ) -> list[CheckResult]:
-    """All checks for this mode, in the order a user should fix them."""
+    """All checks for this mode, in the order a user meets them: the board, its kernel driver, the
+    vision runtime (first to load), then the language-model runtime."""
     if emulate:
-        skipped = [CheckResult(n, SKIP, "not needed with --emulate") for n in ("cpu", "npu driver", "librkllmrt", "librknnrt", "rknnlite")]
+        skipped = [CheckResult(n, SKIP, "not needed with --emulate") for n in EXIT_CODES]
         return skipped + check_emulation()
-    results = [check_soc(paths), check_npu_driver(paths)]
+    results = [check_soc(paths), check_npu_driver(paths), *check_rknn_runtime(paths)]
     if need_decoder:
         results.append(check_rkllm_runtime(list(library_dirs)))
-    results.extend(check_rknn_runtime(paths))
     return results
+
+
+def exit_status(results: Sequence[CheckResult]) -> int:
+    """EXIT_READY, or the EXIT_CODES entry of the first failed check."""
+    return next((EXIT_CODES.get(r.name, EXIT_UNEXPECTED) for r in results if r.failed), EXIT_READY)
 
 
 def require(results: Sequence[CheckResult]) -> None:
@@ -210,3 +236,39 @@ def require(results: Sequence[CheckResult]) -> None:
     lines = "; ".join(f"{r.name}: {r.message}" for r in failed)
     hints = " | ".join(r.hint for r in failed if r.hint)
     raise RuntimeUnavailable(f"this machine cannot run the model: {lines}", hint=hints or None)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m board.system_checks`: print every check, then what to do; exit with exit_status()."""
+    codes = ", ".join(f"{code} {name}" for name, code in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m board.system_checks",
+        description="Check that this board can run a bundle: RK3588, NPU driver, librknnrt + rknnlite, librkllmrt.",
+        epilog=f"Exit status: {EXIT_READY} ready; {EXIT_UNEXPECTED} unexpected error; 2 bad arguments; "
+        f"otherwise the first check that failed: {codes}.",
+    )
+    parser.add_argument("--bundle", metavar="DIR", help="the bundle folder (librkllmrt.so may be kept there)")
+    parser.add_argument("--no-decoder", action="store_true",
+                        help="leave librkllmrt out (a bundle converted with --skip-decoder)")
+    args = parser.parse_args(argv)
+    try:
+        results = run_checks(library_dirs=[args.bundle] if args.bundle else [], need_decoder=not args.no_decoder)
+    except Exception as err:  # a bug, not a missing piece: one line, no traceback
+        print(f"error: the board checks failed unexpectedly: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    for result in results:
+        print(result.line())
+    failed = [r.name for r in results if r.failed]
+    warned = [r.name for r in results if r.status == WARN]
+    if warned:
+        print(f"\nnot settled: {', '.join(warned)} (see the hints above; reading the NPU driver version may need sudo)")
+    if failed:
+        print(f"\nmissing: {', '.join(failed)}. Nothing was downloaded from Rockchip: fetch the files named in the "
+              "hints yourself, copy them where they say, and run the checks again.")
+    else:
+        print("\nthe board is ready: python board/run.py --bundle DIR --image photo.jpg 'What is in this image?'")
+    return exit_status(results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,8 +16,10 @@
 #                        -> /usr/lib/ (or the bundle folder, or $RKLLM_LIB)
 # and the NPU kernel driver must be 0.9.8 or newer (a board OS image question, not a pip one).
 #
-# Exit status: 0 ready; 1 the install failed; 2 bad arguments; 3 installed, but the checks found
-# something missing (named above the exit).
+# Exit status: 0 ready; 1 the install failed; 2 bad arguments; 3-7 installed, but a board check failed
+# (the first one, named above the exit): 3 not an RK3588 (no rockchip,rk3588 device tree), 4 NPU
+# driver missing or older than 0.9.8, 5 librknnrt.so missing, 6 rknnlite missing, 7 librkllmrt.so
+# missing or not 1.3.0 (python -m board.system_checks --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +29,7 @@ BUNDLE=""
 TESTS=0
 DRY=0
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -101,27 +103,5 @@ if [ "$DRY" = 1 ]; then
     exit 0
 fi
 
-say "checking the board (NPU driver, librkllmrt, librknnrt, rknnlite)"
-status=0
-"$VPY" - "$BUNDLE" <<'PY' || status=$?
-import sys
-
-from board.system_checks import run_checks
-
-bundle = sys.argv[1]
-results = run_checks(library_dirs=[bundle] if bundle else [])
-for result in results:
-    print(result.line())
-failed = [r.name for r in results if r.failed]
-warned = [r.name for r in results if r.status == "warn"]
-if warned:
-    print(f"\nnot settled: {', '.join(warned)} (see the hints above; reading the NPU driver version may need sudo)")
-if failed:
-    print(f"\nmissing: {', '.join(failed)}. Nothing was downloaded from Rockchip: fetch the files named in the hints "
-          "yourself, copy them where they say, and run this script again.")
-    sys.exit(3)
-print("\nthe board is ready: python board/run.py --bundle DIR --image photo.jpg 'What is in this image?'")
-PY
-if [ "$status" != 0 ]; then
-    exit "$status"
-fi
+say "checking the board (device tree, NPU driver, librknnrt, rknnlite, librkllmrt)"
+exec "$VPY" -m board.system_checks ${BUNDLE:+--bundle "$BUNDLE"}

@@ -4,6 +4,7 @@
 #   scripts/deploy.sh orangepi@192.168.1.50 --bundle bundles/smolvlm-256m
 #   scripts/deploy.sh rock@rock5b.local --bundle out/b --dest /opt/smolvlm --setup
 #   scripts/deploy.sh orangepi@opi5 --bundle bundles/smolvlm-256m --dry-run   # show what would change
+#   scripts/deploy.sh --local /mnt/sdcard/home/orangepi/smolvlm --bundle bundles/smolvlm-256m
 #
 # What goes to DEST (default ~/smolvlm on the board):
 #   board/ scripts/ setup.cfg pyproject.toml README.md   the runtime, its installer and the board scripts
@@ -18,7 +19,9 @@
 #
 # Options: --bundle DIR (repeatable), --dest DIR, --with-host, --setup, --dry-run (rsync -n: list the
 # changes, create and change nothing), --port N, and $DEPLOY_SSH for another ssh command
-# (e.g. DEPLOY_SSH="ssh -i ~/.ssh/board_key").
+# (e.g. DEPLOY_SSH="ssh -i ~/.ssh/board_key"). --local /ABS/DIR copies the same files into a folder
+# on this machine instead of over ssh (a board's SD card mounted here; scripts/board_rehearsal uses
+# it to lay the files out in its arm64 userland exactly as on a board).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +32,9 @@ WITH_HOST=0
 SETUP=0
 DRY=0
 SSH=${DEPLOY_SSH:-ssh}
+LOCAL=""
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,13 +44,23 @@ while [ $# -gt 0 ]; do
         --setup) SETUP=1; shift ;;
         --dry-run|-n) DRY=1; shift ;;
         --port) SSH="$SSH -p ${2:?--port needs a number}"; shift 2 ;;
+        --local) LOCAL=${2:?--local needs a folder}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         -*) echo "deploy.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [ -z "$TARGET" ] || { echo "deploy.sh: one target only (got $TARGET and $1)" >&2; exit 2; }
            TARGET=$1; shift ;;
     esac
 done
-if [ -z "$TARGET" ]; then
+if [ -n "$LOCAL" ]; then
+    if [ -n "$TARGET" ] || [ "$SETUP" = 1 ]; then
+        echo "deploy.sh: --local copies into a folder here: give no user@host and no --setup" >&2
+        exit 2
+    fi
+    case "$LOCAL" in
+        /*) DEST=$LOCAL ;;
+        *) echo "deploy.sh: --local needs an absolute path (got $LOCAL)" >&2; exit 2 ;;
+    esac
+elif [ -z "$TARGET" ]; then
     echo "deploy.sh: give the board as user@host (see --help)" >&2
     exit 2
 fi
@@ -61,14 +75,24 @@ for b in "${BUNDLES[@]+"${BUNDLES[@]}"}"; do
     fi
 done
 
-RSYNC=(rsync -az --partial --delete --exclude __pycache__ --exclude '*.pyc' -e "$SSH")
+RSYNC=(rsync -az --partial --delete --exclude __pycache__ --exclude '*.pyc')
+if [ -z "$LOCAL" ]; then
+    RSYNC+=(-e "$SSH")
+    TO="$TARGET:$DEST"
+else
+    TO=$DEST
+fi
 if [ "$DRY" = 1 ]; then
     RSYNC+=(--dry-run --itemize-changes)
 fi
 say() { echo "[deploy] $*"; }
-remote() {  # a command on the board (printed, not run, in a dry run)
-    if [ "$DRY" = 1 ]; then
+remote() {  # a command on the board, or here with --local (printed, not run, in a dry run)
+    if [ "$DRY" = 1 ] && [ -n "$LOCAL" ]; then
+        echo "[dry-run] bash -c $*"
+    elif [ "$DRY" = 1 ]; then
         echo "[dry-run] $SSH $TARGET $*"
+    elif [ -n "$LOCAL" ]; then
+        bash -c "$*"
     else
         # shellcheck disable=SC2086  # $SSH is a command line with options
         $SSH "$TARGET" "$@"
@@ -76,19 +100,19 @@ remote() {  # a command on the board (printed, not run, in a dry run)
 }
 
 q=$(printf '%q' "$DEST")
-say "code to $TARGET:$DEST"
+say "code to $TO"
 remote "mkdir -p $q/tests $q/bundles"
-"${RSYNC[@]}" board scripts "$TARGET:$DEST/"
-"${RSYNC[@]}" setup.cfg pyproject.toml README.md "$TARGET:$DEST/"
+"${RSYNC[@]}" board scripts "$TO/"
+"${RSYNC[@]}" setup.cfg pyproject.toml README.md "$TO/"
 "${RSYNC[@]}" tests/conftest.py tests/test_pipeline_support.py tests/test_board_rk3588.py \
-    tests/test_latency_rk3588.py tests/rk3588_budgets.json "$TARGET:$DEST/tests/"
+    tests/test_latency_rk3588.py tests/rk3588_budgets.json "$TO/tests/"
 
 for b in "${BUNDLES[@]+"${BUNDLES[@]}"}"; do
     name=$(basename "$(cd "$b" && pwd)")
     extra=()
     [ "$WITH_HOST" = 1 ] || extra=(--exclude /host/)
-    say "bundle $b to $TARGET:$DEST/bundles/$name$([ "$WITH_HOST" = 1 ] || echo ' (without host/)')"
-    "${RSYNC[@]}" "${extra[@]+"${extra[@]}"}" "$b/" "$TARGET:$DEST/bundles/$name/"
+    say "bundle $b to $TO/bundles/$name$([ "$WITH_HOST" = 1 ] || echo ' (without host/)')"
+    "${RSYNC[@]}" "${extra[@]+"${extra[@]}"}" "$b/" "$TO/bundles/$name/"
 done
 
 if [ "$SETUP" = 1 ]; then
@@ -101,6 +125,7 @@ if [ "$SETUP" = 1 ]; then
 fi
 
 [ "$DRY" = 0 ] || { say "dry run: nothing was changed"; exit 0; }
+[ -z "$LOCAL" ] || { say "done: the board's files are in $DEST"; exit 0; }
 say "done. On the board:"
 echo "    cd $DEST && bash scripts/board_setup.sh --tests   # once: venv, requirements, board checks"
 if [ "${#BUNDLES[@]}" -gt 0 ]; then

@@ -13,18 +13,19 @@ from board import system_checks as S
 from board.errors import RuntimeUnavailable
 
 
-def fake_system(root: Path, *, compatible=None, debugfs_version=None, module_version=None, mounted=True,
-                rknnrt: bytes | None = None) -> S.SystemPaths:
+def fake_system(root: Path, *, compatible=None, debugfs_version=None, module_version=None, procfs_version=None,
+                mounted=True, rknnrt: bytes | None = None) -> S.SystemPaths:
     """A board-shaped tree under `root`; None leaves a file out."""
     paths = S.SystemPaths(
         npu_debugfs_version=root / "sys/kernel/debug/rknpu/version",
         npu_module_version=root / "sys/module/rknpu/version",
+        npu_procfs_version=root / "proc/rknpu/version",
         device_tree_compatible=root / "proc/device-tree/compatible",
         mounts=root / "proc/mounts",
         rknnrt_dirs=(str(root / "usr/lib"),),
     )
     for path, content in ((paths.device_tree_compatible, compatible), (paths.npu_debugfs_version, debugfs_version),
-                          (paths.npu_module_version, module_version)):
+                          (paths.npu_module_version, module_version), (paths.npu_procfs_version, procfs_version)):
         if content is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -91,6 +92,24 @@ def test_npu_driver_debugfs_not_mounted(tmp_path):
     assert "mount -t debugfs" in result.hint
 
 
+def test_npu_driver_missing_when_debugfs_shows_none(tmp_path):
+    result = S.check_npu_driver(fake_system(tmp_path, mounted=True))
+    assert result.status == S.FAIL and "no rknpu NPU driver is loaded" in result.message
+    assert "0.9.8" in result.hint and "kernel" in result.hint
+
+
+def test_npu_driver_from_procfs(tmp_path):
+    result = S.check_npu_driver(fake_system(tmp_path, procfs_version="RKNPU driver: v0.9.8\n"))
+    assert result.status == S.OK and "0.9.8" in result.message
+
+
+def test_npu_driver_mounts_unreadable_warns(tmp_path):
+    paths = fake_system(tmp_path)
+    paths.mounts.unlink()
+    result = S.check_npu_driver(paths)
+    assert result.status == S.WARN and "cannot be read" in result.message
+
+
 def test_rknn_runtime(tmp_path):
     missing = S.check_rknn_runtime(fake_system(tmp_path / "a"))
     assert missing[0].status == S.FAIL and "was not found" in missing[0].message and "/usr/lib" in missing[0].hint
@@ -125,7 +144,7 @@ def test_run_checks_on_a_good_board_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(rkllm_h, "SYSTEM_LIB_DIRS", ())
     paths = fake_system(tmp_path, compatible=b"rockchip,rk3588\0", debugfs_version="RKNPU driver: v0.9.8")
     results = {r.name: r for r in S.run_checks(paths=paths, library_dirs=[tmp_path])}
-    assert list(results) == ["cpu", "npu driver", "librkllmrt", "librknnrt", "rknnlite"]
+    assert list(results) == ["cpu", "npu driver", "librknnrt", "rknnlite", "librkllmrt"]
     assert results["cpu"].status == results["npu driver"].status == S.OK
     with pytest.raises(RuntimeUnavailable) as err:
         S.require(list(results.values()))
@@ -133,6 +152,39 @@ def test_run_checks_on_a_good_board_shape(tmp_path, monkeypatch):
     assert "librkllmrt" in message and "librknnrt" in message and "cpu:" not in message
     no_decoder = [r.name for r in S.run_checks(paths=paths, need_decoder=False)]
     assert "librkllmrt" not in no_decoder
+
+
+@pytest.mark.parametrize("failing,status", [
+    ((), 0), (("cpu", "librknnrt"), 3), (("npu driver",), 4), (("librknnrt", "librkllmrt"), 5),
+    (("rknnlite",), 6), (("librkllmrt",), 7),
+])
+def test_exit_status_names_the_first_failed_check(failing, status):
+    results = [S.CheckResult(n, S.FAIL if n in failing else S.OK, "m") for n in S.EXIT_CODES]
+    assert S.exit_status(results) == status
+    assert S.exit_status([S.CheckResult("npu driver", S.WARN, "m")]) == 0
+
+
+def test_checks_command_exit_status_and_words(monkeypatch, capsys, tmp_path):
+    paths = fake_system(tmp_path, compatible=b"rockchip,rk3588\0", debugfs_version="RKNPU driver: v0.9.8")
+    real = S.run_checks
+    monkeypatch.setattr(S, "run_checks", lambda **kw: real(paths=paths, **kw))
+    monkeypatch.delenv(rkllm_h.LIB_ENV, raising=False)
+    monkeypatch.setattr(rkllm_h, "SYSTEM_LIB_DIRS", ())
+    status = S.main(["--bundle", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == S.EXIT_CODES["librknnrt"]
+    assert "[fail] librknnrt: librknnrt.so was not found" in out and "missing: librknnrt" in out
+    assert "[fail] librkllmrt" in out and "Traceback" not in out
+
+
+def test_checks_command_unexpected_error_is_one_line(monkeypatch, capsys):
+    def broken(**kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(S, "run_checks", broken)
+    assert S.main([]) == S.EXIT_UNEXPECTED
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "Traceback" not in err
 
 
 def test_emulate_skips_the_board_checks():
