@@ -449,14 +449,15 @@ def test_found_in_the_bundle_folder(no_env, libs, tmp_path):
 
 
 def test_wrong_architecture_is_a_load_failure(no_env, libs, tmp_path, monkeypatch):
-    arm = bytearray(libs["fake"].read_bytes())
-    arm[18:20] = (183).to_bytes(2, "little")  # e_machine = EM_AARCH64
-    (tmp_path / "arm.so").write_bytes(bytes(arm))
-    monkeypatch.setenv(rkllm_h.LIB_ENV, str(tmp_path / "arm.so"))
+    # the double relabelled for another CPU: aarch64 on x86 (a board library copied to the host), x86_64 on aarch64
+    foreign, machine = (62, "x86_64") if platform.machine() == "aarch64" else (183, "aarch64")
+    other = bytearray(libs["fake"].read_bytes())
+    other[18:20] = foreign.to_bytes(2, "little")  # e_machine
+    (tmp_path / "other.so").write_bytes(bytes(other))
+    monkeypatch.setenv(rkllm_h.LIB_ENV, str(tmp_path / "other.so"))
     with pytest.raises(RuntimeUnavailable, match="could not load it") as err:
         rkllm_h.load_library()
-    if platform.machine() != "aarch64":
-        assert f"built for aarch64 and this machine is {platform.machine()}" in err.value.message
+    assert f"built for {machine} and this machine is {platform.machine()}" in err.value.message
     assert "aarch64/librkllmrt.so" in err.value.hint
     (tmp_path / "text.so").write_text("not a library")
     monkeypatch.setenv(rkllm_h.LIB_ENV, str(tmp_path / "text.so"))
