@@ -96,11 +96,11 @@ def _tail(path: Path, lines: int = 25) -> str:
 # manual runs) and guard every deletion.
 
 
-def mounts_under(path: Path) -> list[str]:
+def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
     """Mount points at or below `path` in this mount namespace, deepest first."""
     root = str(path.resolve())
     found = []
-    with open("/proc/self/mountinfo") as f:
+    with open(mountinfo) as f:
         for line in f:
             point = line.split()[4].encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
             if point == root or point.startswith(root + "/"):

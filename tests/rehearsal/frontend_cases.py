@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: the project folder (board/) tw
 from board.bundle import Bundle  # noqa: E402
 from board.image_io import load_image  # noqa: E402
 from board.prompt import build_prompt  # noqa: E402
-from board.tiles import normalize_tiles, split_image  # noqa: E402
+from board.tiles import SplitSettings, normalize_tiles, split_image  # noqa: E402
 
 REFERENCE = "frontend_ref.npz"
 # The parity tolerances of tests/test_frontend_parity.py, on the normalized [-1, 1] scale.
@@ -94,9 +94,8 @@ def front_end(bundle_dir: Path, images: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-def compare(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], bundle_dir: Path) -> dict[str, Any]:
+def compare(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], settings: SplitSettings) -> dict[str, Any]:
     """Token ids and grids must be identical; tiles within the parity tolerances (normalized scale)."""
-    settings = Bundle.open(bundle_dir, verify=False).split_settings
     report: dict[str, Any] = {"ids_identical": True, "grids_identical": True, "tiles_within_tolerance": True,
                               "tiles_bit_identical": 0, "images": 0, "worst_mean_abs_diff": 0.0,
                               "worst_max_abs_diff": 0.0, "problems": []}

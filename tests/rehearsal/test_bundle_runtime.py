@@ -7,12 +7,12 @@ from importlib import metadata
 
 import pytest
 
+from board.bundle import Bundle
+
 pytestmark = pytest.mark.rehearsal
 
 
 def test_bundle_validates(rehearsal, record_property):
-    from board.bundle import Bundle
-
     bundle = Bundle.open(rehearsal.bundle, verify=True)
     record_property("bundle", json.dumps({"model": bundle.model_id, "layout": bundle.vision_layout,
                                           "toolkits": bundle.manifest["toolkits"]}))
@@ -20,9 +20,7 @@ def test_bundle_validates(rehearsal, record_property):
 
 
 def test_lite2_loads_the_vision_model_built_by_toolkit2(rehearsal, record_property):
-    from rknnlite.api import RKNNLite
-
-    from board.bundle import Bundle
+    from rknnlite.api import RKNNLite  # aarch64 only
 
     bundle = Bundle.open(rehearsal.bundle, verify=False)
     built_with, lite2 = bundle.manifest["toolkits"]["rknn-toolkit2"], metadata.version("rknn-toolkit-lite2")
