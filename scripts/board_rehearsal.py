@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -102,7 +103,7 @@ def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> 
     found = []
     with open(mountinfo) as f:
         for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])  # \040 is a space
             if point == root or point.startswith(root + "/"):
                 found.append(point)
     return sorted(found, key=len, reverse=True)
@@ -135,6 +136,8 @@ def safe_remove(path: Path) -> None:
 
 
 class Runner:
+    """Runs one command at a time, each in a new session, so stop() can end all of it and no more."""
+
     def __init__(self, logs: Path):
         self.logs = logs
         self.current: Optional[subprocess.Popen] = None
@@ -155,27 +158,28 @@ class Runner:
                     except subprocess.TimeoutExpired:
                         elapsed = time.monotonic() - started
                         if elapsed > timeout:
-                            self.stop()
                             raise StepFailed(f"{name} took longer than {timeout / 60:.0f} min; log: {log}")
                         say(f"  ... {name} still running ({elapsed:.0f} s)")
+            except BaseException:  # Ctrl-C, SIGTERM, a timeout: end it before going on
+                self.stop()
+                raise
             finally:
-                if self.current.poll() is None:
-                    self.stop()
                 self.current = None
         return code, log
 
     def stop(self) -> None:
-        """End the running command's whole process group (it was started in its own session)."""
+        """End the running command's whole process group (it was started in its own session). Only
+        while its leader is not yet reaped, so the group id cannot have passed to anyone else."""
         proc = self.current
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.returncode is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 return
             try:
-                proc.wait(timeout=wait)
+                proc.wait(timeout=10)
                 return
             except subprocess.TimeoutExpired:
                 continue
@@ -264,8 +268,9 @@ class Rehearsal:
         self.set_stamp("rootfs", None)
         self.set_stamp("apt", None)
         safe_remove(self.rootfs)
-        code, log = self.runner.run(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", SUITE,
-                                     str(self.rootfs), self.mirror], "debootstrap-1")
+        code, log = self.runner.run(["unshare", "--mount", "--propagation", "private", "--", "debootstrap",
+                                     "--arch=arm64", "--foreign", "--variant=minbase", SUITE, str(self.rootfs),
+                                     self.mirror], "debootstrap-1")
         if code != 0:
             self.download_failed(self.mirror, f"debootstrap failed (exit {code})", log)
         proc = self.rootfs / "proc"
@@ -293,7 +298,8 @@ class Rehearsal:
             return
         started = time.monotonic()
         say(f"apt-get install {' '.join(APT_PACKAGES)} (~2.5 min under emulation)")
-        script = ("apt-get update -q && apt-get install -y -q --no-install-recommends " + " ".join(APT_PACKAGES)
+        script = ("dpkg --configure -a && apt-get update -q && apt-get install -y -q --no-install-recommends "
+                  + " ".join(APT_PACKAGES)
                   + f" && apt-get clean && (id -u {USER_NAME} >/dev/null 2>&1 || "
                   f"useradd --create-home --uid {USER_ID} --shell /bin/bash {USER_NAME})")
         code, log = self.chroot(["/bin/sh", "-c", script], "apt", DEBIAN_FRONTEND="noninteractive")
@@ -353,7 +359,7 @@ class Rehearsal:
         reuse = not fresh_venv and venv.is_dir() and (self.stamp("venv") or {}).get("key") == key
         if not reuse:
             safe_remove(venv)
-            self.set_stamp("venv", None)
+        self.set_stamp("venv", None)  # written again when board_setup.sh finishes: an interrupted one is redone
         why = ("requirements unchanged since the venv was made" if reuse else
                "--fresh-venv" if fresh_venv else "first run or requirements changed: installed from PyPI")
         self.result["venv"] = {"reused": reuse, "why": why}
