@@ -84,14 +84,16 @@ class GraphForms:
       counts the attention's two products: a measure of what the fused form's 0 leaves out).
     layernorm: 'op' (one LayerNormalization node, opset >= 17) or 'decomposed' (ReduceMean/Sub/Pow/
       Sqrt/Div/Mul/Add), applied only while exporting.
-    connector: the pixel shuffle before the projection: 'reference' (transformers' two 4-D permutes),
-      'blocks' (one 5-D transpose to the same order) or 'conv' (NHWC->NCHW, then a stride-s Conv that
-      holds the projection's weights: space-to-depth and projection in one op).
+    connector: the pixel shuffle before the projection: 'blocks' (one 5-D transpose to transformers'
+      order; the default: at 384/14 transformers' own form leaves a Transpose on the CPU, and at 512/16
+      it costs a gather the compiler counts), 'reference' (transformers' two 4-D permutes, the
+      demo-style export) or 'conv' (NHWC->NCHW, then a stride-s Conv that holds the projection's
+      weights: space-to-depth and projection in one op). docs/vision_variants.md has the measurements.
     """
 
     attention: str = "eager"
     layernorm: str = "op"
-    connector: str = "reference"
+    connector: str = "blocks"
 
     CHOICES = {"attention": ("eager", "sdpa", "explicit"), "layernorm": ("op", "decomposed"),
                "connector": ("reference", "blocks", "conv")}
@@ -100,6 +102,10 @@ class GraphForms:
         for name, choices in self.CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"graph form {name}='{getattr(self, name)}' is not one of {choices}")
+
+
+# transformers' graph as it writes it: with the Conv layout, the demo-style export every speed figure is compared to.
+REFERENCE_FORMS = GraphForms(connector="reference")
 
 
 class InputLayout:

@@ -10,9 +10,9 @@ JSON to stdout:
     .venv/bin/python scripts/bench_vision.py --dtype int8 --family 256m
 
 Every speed figure is a ratio to a baseline built in the same run from the same weights: the
-demo-style export (transformers' Conv patch embedding, fp16, normalization baked in). The estimate
-is the compiler's cycle count per tile (see host.vision_rknn.summarize_ops for what it leaves out);
-est_17_tiles_ms_3cores = ceil(17 / 3) * cycles / 1e9 s, a 17-tile image over three single-core
+demo-style export (transformers' graph as it is: Conv patch embedding, its pixel shuffle, fp16,
+normalization baked in). The estimate is the compiler's cycle count per tile (see
+host.vision_rknn.summarize_ops for what it leaves out); est_17_tiles_ms_3cores = ceil(17 / 3) * cycles / 1e9 s, a 17-tile image over three single-core
 runtimes at 1 GHz.
 
 A full-size build takes ~1-8 min and 3-6 GB of RAM on 2 cores (the baseline as much again); run one
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from board.errors import SmolVLMError  # noqa: E402
 from board.tiles import SplitSettings  # noqa: E402
 from host.tiny_model import FAMILIES  # noqa: E402
-from host.vision_export import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402
+from host.vision_export import DEFAULT_LAYOUT, LAYOUTS, REFERENCE_FORMS, GraphForms  # noqa: E402
 from host.vision_rknn import (  # noqa: E402
     EST_IMAGE_FORMULA,
     BuildOptions,
@@ -67,7 +67,7 @@ def peak_rss_mb() -> float:
     return round(max(own, children) / 1024, 1)
 
 
-def load_tower(args: argparse.Namespace, layout: str) -> tuple[object, SplitSettings, str]:
+def load_tower(args: argparse.Namespace, layout: str, forms: GraphForms) -> tuple[object, SplitSettings, str]:
     """(tower, settings, weights label) for the family's random weights or the checkpoint's, in `layout`."""
     if args.model:
         from host.checkpoint import load_checkpoint
@@ -75,20 +75,21 @@ def load_tower(args: argparse.Namespace, layout: str) -> tuple[object, SplitSett
 
         checkpoint = load_checkpoint(args.model)
         settings = SplitSettings.from_preprocessor(checkpoint.preprocessor)
-        return load_vision_tower(checkpoint, layout=layout), settings, checkpoint.model_id
+        return load_vision_tower(checkpoint, layout=layout, forms=forms), settings, checkpoint.model_id
     from host.vision_export import random_vision_tower
 
     shape = FULL_SIZE[args.family]
     family = FAMILIES[args.family]
     settings = SplitSettings(longest_edge=family.longest_edge, tile=family.tile)
     tower = random_vision_tower(shape["vision"], shape["text_hidden"], shape["scale_factor"], seed=args.seed,
-                                layout=layout, settings=settings)
+                                layout=layout, settings=settings, forms=forms)
     return tower, settings, f"random (seed {args.seed})"
 
 
-def build(args: argparse.Namespace, layout: str, options: BuildOptions, out: str, holdout_tiles: int) -> tuple[dict, str]:
+def build(args: argparse.Namespace, layout: str, forms: GraphForms, options: BuildOptions, out: str,
+          holdout_tiles: int) -> tuple[dict, str]:
     """One conversion; the tower is dropped before returning so the next build has the memory."""
-    tower, settings, weights = load_tower(args, layout)
+    tower, settings, weights = load_tower(args, layout, forms)
     report = convert_vision(tower, settings, out, options, holdout_tiles=holdout_tiles,
                             calibration_per_image=args.calibration_per_image)
     del tower
@@ -116,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         options.validate()
         with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp:
             out = Path(args.out or tmp)
-            report, weights = build(args, args.layout, options, str(out), args.holdout_tiles)
+            report, weights = build(args, args.layout, GraphForms(), options, str(out), args.holdout_tiles)
             wall_s = round(time.monotonic() - start, 1)
             peak_mb = peak_rss_mb()
-            baseline, _ = build(args, "conv", BuildOptions(dtype="fp16"), str(out / "baseline"),
+            baseline, _ = build(args, "conv", REFERENCE_FORMS, BuildOptions(dtype="fp16"), str(out / "baseline"),
                                 args.baseline_holdout_tiles)
     except SmolVLMError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": weights,
         "dtype": args.dtype,
         "layout": report["layout"],
+        "graph_forms": report["graph_forms"],
         "quantization": report["quantization"],
         "wall_s": wall_s,
         "build_s": report["build_s"],

@@ -18,6 +18,8 @@ from host.checkpoint import load_checkpoint  # noqa: E402
 from host.tiny_model import build_tiny_checkpoint  # noqa: E402
 from host.vision_export import (  # noqa: E402
     LAYOUTS,
+    REFERENCE_FORMS,
+    GraphForms,
     agreement,
     export_onnx,
     get_layout,
@@ -76,6 +78,28 @@ def test_onnx_matches_pytorch(tiny, tmp_path):
     assert "Conv" in ops and not {"Bucketize", "Loop", "If"} & ops  # the bucketize path is gone
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, tower.geometry.tile, tower.geometry.tile]
+
+
+FORM_CHOICES = [(name, choice) for name, choices in GraphForms.CHOICES.items() for choice in choices]
+
+
+@pytest.mark.parametrize(("form", "choice"), FORM_CHOICES, ids=[f"{n}-{c}" for n, c in FORM_CHOICES])
+def test_every_graph_form_computes_transformers_features(tiny, tmp_path, form, choice):
+    """Each way of writing the ops (the variant table's levers) is the same function in ONNX Runtime."""
+    _, checkpoint, _, settings = tiny
+    tower = load_vision_tower(checkpoint, layout="patches", forms=GraphForms(**{form: choice}))
+    path = export_onnx(tower, tmp_path / "vision.onnx")
+    report = validate_onnx(tower, path, _random_tiles(2, tower.geometry.tile, seed=3), settings)
+    assert report["max_abs_err"] < 1e-4 and report["cosine_min"] > 0.99999
+
+
+def test_default_forms_differ_from_the_demo_export_only_in_the_connector():
+    """The baseline every speed figure is compared to is transformers' graph; the default changes one thing."""
+    default = GraphForms()
+    assert default.connector == "blocks" and REFERENCE_FORMS.connector == "reference"
+    assert {**vars(default), "connector": "reference"} == vars(REFERENCE_FORMS)
+    with pytest.raises(ValueError, match="connector"):
+        GraphForms(connector="nope")
 
 
 def test_conv_layout_inputs():
