@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
+from host.toolkit_console import heartbeat, require_conversion_host, toolkit_output
 
 MAX_CONTEXT_LIMIT = 16384  # rkllm-toolkit 1.3.0: at most 16384, a multiple of 32
 CONTEXT_ALIGN = 32
@@ -85,12 +82,7 @@ def validate_max_context(value: Any, *, model_max: Optional[int] = None) -> int:
 
 def require_rkllm_toolkit() -> type:
     """The RKLLM class, or a RuntimeUnavailable that says how to install the toolkit."""
-    system, machine = platform.system(), platform.machine().lower()
-    if system != "Linux" or machine not in ("x86_64", "amd64"):
-        raise RuntimeUnavailable(
-            f"rkllm-toolkit converts models only on x86_64 Linux; this machine is {system} {machine}",
-            hint="run the conversion on an x86_64 Linux host and copy the bundle to the board",
-        )
+    require_conversion_host("rkllm-toolkit")
     try:
         from rkllm.api import RKLLM
     except ImportError as exc:
@@ -109,37 +101,9 @@ def toolkit_version() -> Optional[str]:
 
 @contextlib.contextmanager
 def _output_to(log_path: Path, title: str, heartbeat_s: int = 0) -> Iterator[None]:
-    """Send fds 1 and 2 (Python and native writes alike) to log_path for the toolkit's chatter.
-
-    With `heartbeat_s`, a line on the real stderr every so often says the step is still running; it is
-    a tiny shell loop, not a thread, because the toolkit's native code can hold the GIL for minutes.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(log_fd, f"\n===== {title} ({time.strftime('%Y-%m-%d %H:%M:%S')}) =====\n".encode())
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    beat = None
-    if heartbeat_s > 0:
-        beat = subprocess.Popen(
-            ["sh", "-c", 'e=0; while sleep "$H"; do e=$((e + H)); echo "[rkllm] $W: still running (${e}s)"; done'],
-            env={"H": str(heartbeat_s), "W": title, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            stdout=saved[1], stderr=subprocess.DEVNULL,
-        )
-    try:
+    """The toolkit's chatter to log_path, with a 'still running' line on the console every heartbeat_s."""
+    with toolkit_output(log_path, title) as console, heartbeat(console, "rkllm", title, heartbeat_s):
         yield
-    finally:
-        if beat is not None:
-            beat.terminate()
-            beat.wait()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, log_fd):
-            os.close(fd)
 
 
 def _check(ret: Any, what: str, log: Path) -> None:

@@ -30,10 +30,8 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from board.tiles import SplitSettings
+from host.toolkit_console import heartbeat, require_conversion_host, toolkit_output
 from host.vision_export import DEFAULT_LAYOUT, LAYOUTS, agreement
 
 TARGET_PLATFORM = "rk3588"
@@ -121,12 +120,7 @@ class BuildOptions:
 
 def require_rknn_toolkit() -> type:
     """The RKNN class, or a RuntimeUnavailable that says what to do."""
-    system, machine = platform.system(), platform.machine().lower()
-    if system != "Linux" or machine not in ("x86_64", "amd64"):
-        raise RuntimeUnavailable(
-            f"rknn-toolkit2 converts models only on x86_64 Linux; this machine is {system} {machine}",
-            hint="run the conversion on an x86_64 Linux host and copy the result to the board",
-        )
+    require_conversion_host("rknn-toolkit2")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its pkg_resources deprecation warning
@@ -157,54 +151,18 @@ class Progress:
 
     @contextlib.contextmanager
     def step(self, what: str, log_path: Path) -> Iterator[None]:
-        """Run a toolkit step with its output appended to log_path and a heartbeat on the console.
-
-        The heartbeat is a tiny shell loop, not a thread: the toolkit's native code holds the GIL
-        for minutes at a time.
-        """
+        """Run a toolkit step with its output appended to log_path and a heartbeat on the console."""
         self.say(f"{what} ...")
         t0 = time.monotonic()
-        with _redirect_output(log_path, what) as saved_err:
+        with toolkit_output(log_path, what) as saved_err:
             previous, self.fd = self.fd, saved_err
-            beat = None
-            if self.enabled:
-                beat = subprocess.Popen(
-                    # stops by itself if this process dies ($P gone) so it never outlives a killed build
-                    ["sh", "-c", 'e=0; while sleep "$H" && kill -0 "$P" 2>/dev/null; do e=$((e + H)); '
-                                 'printf "[vision %6ss]   %s: still running (%ss)\\n" $((B + e)) "$W" $e; done'],
-                    env={"H": str(int(self.heartbeat_s)), "B": str(int(t0 - self.start)), "W": what, "P": str(os.getpid()),
-                         "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                    stdout=saved_err, stderr=subprocess.DEVNULL,
-                )
             try:
-                yield
+                with heartbeat(saved_err, "vision", what, int(self.heartbeat_s) if self.enabled else 0,
+                               since_s=int(t0 - self.start)):
+                    yield
             finally:
-                if beat is not None:
-                    beat.terminate()
-                    beat.wait()
                 self.fd = previous
         self.say(f"{what} done ({time.monotonic() - t0:.1f}s)")
-
-
-@contextlib.contextmanager
-def _redirect_output(log_path: Path, title: str) -> Iterator[int]:
-    """Send fds 1 and 2 (Python and native writes alike) to log_path; yield a dup of the real stderr."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(log_fd, f"\n===== {title} ({time.strftime('%Y-%m-%d %H:%M:%S')}) =====\n".encode())
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    try:
-        yield saved_err
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved_out, 1)
-        os.dup2(saved_err, 2)
-        for fd in (saved_out, saved_err, log_fd):
-            os.close(fd)
 
 
 def _check(ret: Any, what: str, log_path: Path) -> None:
@@ -475,7 +433,7 @@ def build_vision_rknn(
                 sim_s = (time.monotonic() - t0) / len(holdout_tiles)
         finally:
             if rknn is not None:
-                with _redirect_output(log, "release"):
+                with toolkit_output(log, "release"):
                     rknn.release()
 
     accuracy = agreement(np.stack(outputs), reference)
