@@ -224,11 +224,12 @@ class Pipeline:
         self.vision: Optional[VisionEncoder] = None
         self.decoder: Any = None
         self.emulate = emulate
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify, need_decoder=not emulate)
         self.checks: list[CheckResult] = []
-        if check_system and (vision is None or decoder is None):
-            self.checks = run_checks(emulate=emulate, library_dirs=[self.bundle.root], paths=system_paths)
+        if check_system and (vision is None or decoder is None):  # the board first: what a fresh board lacks
+            root = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
+            self.checks = run_checks(emulate=emulate, library_dirs=[root], paths=system_paths)
             require(self.checks)
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify, need_decoder=not emulate)
         if max_tiles is not None and max_tiles < 1:
             raise InputError(f"the tile budget must be at least 1 tile per image, got {max_tiles}")
         self.max_tiles = max_tiles

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the package from the fo
 
 from board.decoder import SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
-from board.system_checks import run_checks  # noqa: E402
+from board.system_checks import exit_status, run_checks  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R",
                         help="divide the scores of tokens already in the answer by R (1.0 = off)")
     parser.add_argument("--seed", type=int, help="random seed for sampling (emulation; librkllmrt has none)")
-    parser.add_argument("--checks", action="store_true", help="only run the system checks and print them")
+    parser.add_argument("--checks", action="store_true",
+                        help="only run the system checks, print them and exit with the status of the first "
+                             "missing piece (python -m board.system_checks --help lists them)")
     parser.add_argument("--stats", action="store_true", help="print the timings to stderr after each answer")
     return parser
 
@@ -228,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results = run_checks(emulate=args.emulate, library_dirs=[args.bundle])
             for result in results:
                 print(result.line(), file=out)
-            return EXIT_ERROR if any(r.failed for r in results) else 0
+            return exit_status(results)
         if args.max_new_tokens < 1:
             raise _UsageError("--max-new-tokens must be at least 1")
         if args.max_tiles is not None and args.max_tiles < 1:

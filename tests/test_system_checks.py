@@ -207,3 +207,38 @@ def test_cli_checks_flag(capsys):
     assert main(["--bundle", "unused", "--checks", "--emulate"]) == 0
     out = capsys.readouterr().out
     assert "[skip] npu driver" in out and "[  ok] onnxruntime" in out
+
+
+def test_cli_checks_flag_exits_with_the_first_missing_piece(monkeypatch, tmp_path, capsys):
+    """`board/run.py --checks` and `python -m board checks` give the same status as the checks command."""
+    from board import __main__ as board_main
+    from board.run import main
+
+    paths = fake_system(tmp_path, compatible=b"rockchip,rk3588\0", debugfs_version="RKNPU driver: v0.9.8")
+    real = S.run_checks
+    monkeypatch.setattr("board.run.run_checks", lambda **kw: real(paths=paths, **kw))
+    monkeypatch.setattr(S, "run_checks", lambda **kw: real(paths=paths, **kw))
+    monkeypatch.setattr(rkllm_h, "SYSTEM_LIB_DIRS", ())
+    monkeypatch.delenv(rkllm_h.LIB_ENV, raising=False)
+    assert main(["--bundle", str(tmp_path), "--checks"]) == S.EXIT_CODES["librknnrt"]
+    assert board_main.main(["checks", "--bundle", str(tmp_path)]) == S.EXIT_CODES["librknnrt"]
+    assert capsys.readouterr().out.count("[fail] librknnrt") == 2
+
+
+def test_pipeline_reports_the_board_before_the_bundle(tmp_path):
+    """On a board missing pieces, a user first hears about the board, even if the bundle is incomplete too."""
+    from board.pipeline import Pipeline
+
+    with pytest.raises(RuntimeUnavailable, match="cpu"):
+        Pipeline(tmp_path, system_paths=fake_system(tmp_path / "sys", compatible=None))
+
+
+def test_python_m_board_dispatches_and_explains(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    ok = subprocess.run([sys.executable, "-m", "board", "run", "--help"], capture_output=True, text=True, cwd=root)
+    assert ok.returncode == 0 and "--bundle" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "board", "nope"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "run, serve, bench, checks" in bad.stderr and "Traceback" not in bad.stderr

@@ -15,6 +15,8 @@ HELP_COMMANDS = {
     "board/serve.py --help": ["board/serve.py", "--help"],
     "board/bench.py --help": ["board/bench.py", "--help"],
     "-m board.system_checks --help": ["-m", "board.system_checks", "--help"],
+    "-m board run --help": ["-m", "board", "run", "--help"],
+    "-m board checks --help": ["-m", "board", "checks", "--help"],
 }
 
 
