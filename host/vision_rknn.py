@@ -305,7 +305,7 @@ def _edit_quant_cfg(cfg_path: Path, extra_fp16: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def _chdir(path: Path) -> Iterator[None]:
-    """hybrid_quantization_step1 writes its files into the current directory."""
+    """The toolkit writes its intermediate files (check*.onnx, hybrid step 1's) into the current directory."""
     previous = Path.cwd()
     os.chdir(path)
     try:
@@ -371,7 +371,8 @@ def build_vision_rknn(
         raise InputError("an int8 build needs a calibration dataset (dataset.txt of .npy tiles)")
     RKNN = require_rknn_toolkit()
     progress = progress or Progress()
-    onnx_path, rknn_path = Path(onnx_path), Path(rknn_path)
+    onnx_path, rknn_path = Path(onnx_path).resolve(), Path(rknn_path).resolve()
+    dataset = Path(dataset).resolve() if dataset is not None else None
     rknn_path.parent.mkdir(parents=True, exist_ok=True)
     stem = rknn_path.with_suffix("")
     log, acc_json, ops_json = (Path(f"{stem}{s}") for s in (".log", ".accuracy.json", ".ops.json"))
@@ -385,7 +386,8 @@ def build_vision_rknn(
     }
     t_build = time.monotonic()
     rknn = None
-    with tempfile.TemporaryDirectory(prefix="vision-rknn-") as tmp:
+    # the toolkit writes check*.onnx files into the current directory: keep them in the temp dir
+    with tempfile.TemporaryDirectory(prefix="vision-rknn-") as tmp, _chdir(Path(tmp)):
         try:
             with progress.step("loading the ONNX graph", log):
                 rknn = RKNN(verbose=True)
