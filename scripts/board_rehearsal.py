@@ -511,12 +511,12 @@ def _apt_install(packages: Sequence[str], runner: Runner) -> bool:
     if not shutil.which("apt-get"):
         return False
     say(f"installing {' '.join(packages)} on this machine (apt-get)")
-    code, _ = runner.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], "host-apt",
-                         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    if code != 0:
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    code, _ = runner.run(install, "host-apt", env=env)
+    if code != 0:  # stale package lists: update once, then try again
         runner.run(["apt-get", "update", "-q"], "host-apt-update")
-        code, _ = runner.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], "host-apt",
-                             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        code, _ = runner.run(install, "host-apt", env=env)
     return code == 0
 
 

@@ -15,12 +15,9 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-try:
-    from host.vision_rknn import require_rknn_toolkit
+from test_pipeline_support import skip_without_rknn_toolkit  # noqa: E402
 
-    require_rknn_toolkit()
-except Exception as exc:  # the vision stage needs the real toolkit; say why these tests do not run
-    pytest.skip(f"rknn-toolkit2 unavailable: {exc}", allow_module_level=True)
+skip_without_rknn_toolkit()
 
 from board import bundle as B  # noqa: E402
 from host import convert  # noqa: E402

@@ -21,6 +21,16 @@ _BUILT: dict[str, Any] = {}
 CHAT_QUESTION = "What is in this image?"
 
 
+def skip_without_rknn_toolkit() -> None:
+    """Skip the calling test module, with the reason, where rknn-toolkit2 cannot run (the vision build needs it)."""
+    try:
+        from host.vision_rknn import require_rknn_toolkit
+
+        require_rknn_toolkit()
+    except Exception as exc:
+        pytest.skip(f"rknn-toolkit2 unavailable: {exc}", allow_module_level=True)
+
+
 def convert_bundle(checkpoint_path: Path, out: Path) -> Path:
     """host.convert on a checkpoint folder, as a user runs it on x86 (no rkllm-toolkit: --skip-decoder)."""
     from host import convert

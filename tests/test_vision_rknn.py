@@ -13,12 +13,9 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-try:
-    from host.vision_rknn import require_rknn_toolkit
+from test_pipeline_support import skip_without_rknn_toolkit  # noqa: E402
 
-    require_rknn_toolkit()
-except Exception as exc:  # the toolkit is optional on a machine; say why these tests do not run
-    pytest.skip(f"rknn-toolkit2 unavailable: {exc}", allow_module_level=True)
+skip_without_rknn_toolkit()
 
 from board.errors import InputError, RuntimeUnavailable  # noqa: E402
 from board.tiles import SplitSettings  # noqa: E402
@@ -34,6 +31,7 @@ from host.vision_rknn import (  # noqa: E402
     VisionAccuracyError,
     convert_vision,
     parse_op_table,
+    require_rknn_toolkit,
     summarize_ops,
 )
 
