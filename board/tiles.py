@@ -92,6 +92,16 @@ class SplitSettings:
         return replace(self, longest_edge=min(self.longest_edge, max_tiles_per_side * self.tile))
 
 
+def tokens_per_tile(tile: int, patch: int, scale_factor: int) -> int:
+    """Image tokens one tile becomes: (tile // patch)^2 patches (the patch Conv drops a remainder, as
+    at 384/14), merged scale^2 at a time by the connector's pixel shuffle: the reference's
+    `image_seq_len`. The one place this is computed."""
+    if (tile // patch) % scale_factor:
+        raise BundleError(f"a {tile}px tile's {tile // patch}x{tile // patch} patch grid does not merge "
+                          f"{scale_factor}x{scale_factor}")
+    return (tile // patch) ** 2 // scale_factor**2
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Where an image of a given size goes: the two resize targets and the tile grid."""

@@ -19,6 +19,7 @@ import numpy as np
 from board import __version__ as PACKAGE_VERSION
 from board import bundle as B
 from board.prompt import PromptFormat
+from board.tiles import tokens_per_tile
 from host.checkpoint import Checkpoint
 
 
@@ -106,7 +107,7 @@ def vision_section(report: dict[str, Any]) -> dict[str, Any]:
     """What the board needs to feed vision.rknn and what the build measured (host.vision_rknn's report)."""
     geometry = report["geometry"]  # host.vision_export.VisionGeometry's fields
     tile = int(geometry["tile"])
-    tokens = (tile // int(geometry["patch"])) ** 2 // int(geometry["scale_factor"]) ** 2
+    tokens = tokens_per_tile(tile, int(geometry["patch"]), int(geometry["scale_factor"]))
     accuracy = report["accuracy"]
     return {
         "file": B.VISION_RKNN,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from board.errors import InputError, RuntimeUnavailable
+from board.tiles import tokens_per_tile
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
@@ -159,7 +160,7 @@ def load_checkpoint(model: str | Path = DEFAULT_MODEL, revision: str | None = No
         raise InputError(f"{path} has no image processor settings (preprocessor_config.json)")
 
     vision = config["vision_config"]
-    derived_seq_len = (vision["image_size"] // vision["patch_size"]) ** 2 // int(config.get("scale_factor", 2)) ** 2
+    derived_seq_len = tokens_per_tile(int(vision["image_size"]), int(vision["patch_size"]), int(config.get("scale_factor", 2)))
     image_seq_len = int(processor_cfg.get("image_seq_len", derived_seq_len))
     if image_seq_len != derived_seq_len:
         raise InputError(

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from board.tiles import tokens_per_tile
+
 # The chat template the SmolVLM checkpoints ship (chat_template.json), verbatim.
 SMOLVLM_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
@@ -68,7 +70,7 @@ class Family:
 
     @property
     def image_seq_len(self) -> int:
-        return (self.tile // self.patch) ** 2 // self.scale_factor**2
+        return tokens_per_tile(self.tile, self.patch, self.scale_factor)
 
 
 FAMILIES = {

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from board.tiles import SplitSettings, normalize_tiles, patch_row_length, patchify
+from board.tiles import SplitSettings, normalize_tiles, patch_row_length, patchify, tokens_per_tile
 
 # Opset 17-19: GELU and LayerNorm export as single nodes the compiler fuses; 20 is rejected by it.
 DEFAULT_OPSET = 18
@@ -67,7 +67,7 @@ class VisionGeometry:
 
     @property
     def tokens_per_tile(self) -> int:
-        return self.n_patches // self.scale_factor**2
+        return tokens_per_tile(self.tile, self.patch, self.scale_factor)
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
