@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from board.tiles import SplitSettings, normalize_tiles, tokens_per_tile
+from board.vision import LAYOUTS as BOARD_LAYOUTS
 from board.vision import ConvFeed, PatchFeed, TileFeed
 
 # Opset 17-19: GELU and LayerNorm export as single nodes the compiler fuses; 20 is rejected by it.
@@ -179,8 +180,20 @@ class PatchLayout(InputLayout, PatchFeed):
         return self.npu_input(tile).astype(np.float32)
 
 
-# keyed by the board's layout names (board.vision.LAYOUTS); tests check that each board layout has its export
-LAYOUTS: dict[str, type[InputLayout]] = {layout.kind: layout for layout in (ConvLayout, PatchLayout)}
+def export_layouts(*layouts: type[InputLayout]) -> dict[str, type[InputLayout]]:
+    """The export layouts by the board's names (board.vision.LAYOUTS): refuses a board layout without
+    its export, an export without its board layout, and an export that does not extend the board's."""
+    registry = {layout.kind: layout for layout in layouts}
+    problems = [f"board layout '{k}' has no export layout" for k in BOARD_LAYOUTS if k not in registry]
+    problems += [f"export layout '{k}' has no board layout" for k in registry if k not in BOARD_LAYOUTS]
+    problems += [f"export layout '{k}' ({layout.__name__}) does not extend board.vision.{BOARD_LAYOUTS[k].__name__}"
+                 for k, layout in registry.items() if k in BOARD_LAYOUTS and not issubclass(layout, BOARD_LAYOUTS[k])]
+    if problems:
+        raise TypeError("; ".join(problems))
+    return registry
+
+
+LAYOUTS = export_layouts(ConvLayout, PatchLayout)
 
 
 def get_layout(name: str, patch: int | None = None) -> InputLayout:
