@@ -65,10 +65,6 @@ class VisionGeometry:
         return self.tile // self.patch
 
     @property
-    def n_patches(self) -> int:
-        return self.grid**2
-
-    @property
     def tokens_per_tile(self) -> int:
         return tokens_per_tile(self.tile, self.patch, self.scale_factor)
 
