@@ -184,13 +184,23 @@ class TiledImage:
         return normalize_tiles(self.tiles, self.settings)
 
 
+def normalization(settings: SplitSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's pixel normalization, uint8 value v of channel c -> (v * rescale - mean_c) / std_c,
+    as the affine map v * scale_c + offset_c: returns (scale, offset) = (rescale / std, -mean / std),
+    float64 [3].
+
+    The one statement of the formula. normalize_tiles applies it; the `patches` vision layout folds
+    it into its first MatMul (host.vision_modules); the `conv` layout's RKNN build bakes it into the
+    model's input as rknn-toolkit2's mean_values/std_values (host.vision_rknn.rknn_norm_values).
+    """
+    std = np.asarray(settings.image_std, np.float64)
+    return settings.rescale_factor / std, -np.asarray(settings.image_mean, np.float64) / std
+
+
 def normalize_tiles(tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
-    """uint8 NHWC tiles -> float32 NCHW, (x * rescale - mean) / std as the reference does."""
-    scale = np.float32(settings.rescale_factor)
-    mean = np.asarray(settings.image_mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(settings.image_std, np.float32).reshape(1, 3, 1, 1)
-    chw = tiles.transpose(0, 3, 1, 2).astype(np.float32)
-    return (chw * scale - mean) / std
+    """uint8 NHWC tiles -> float32 NCHW on the reference's scale (`normalization`)."""
+    scale, offset = (v.astype(np.float32).reshape(1, 3, 1, 1) for v in normalization(settings))
+    return tiles.transpose(0, 3, 1, 2).astype(np.float32) * scale + offset
 
 
 # patch rows are zero-padded to a multiple of this many values: rknn-toolkit2 2.5.0 runs the first

@@ -9,13 +9,12 @@ One small interface, `VisionEncoder.encode(tiles)`: uint8 NHWC RGB tiles [n, T, 
   over them from threads; `"single"` (core 0) and `"all"` (one runtime on NPU_CORE_0_1_2, which
   splits each layer over the cores) are there so the fastest can be measured on a board.
 - `OnnxVisionEncoder` (x86 emulation): `host/vision.onnx` on ONNX Runtime, fed what the RKNN model
-  computes from the same uint8 tile: the normalization the RKNN build bakes in,
-  (x - mean/rescale) / (std/rescale).
+  computes from the same uint8 tile (for `conv`, the normalization the RKNN build bakes in).
 
-How a tile enters the model is the bundle's vision layout (`vision.layout` in the manifest, see
-`tile_feed`): `conv` takes the tile as it is (NHWC uint8 on the NPU, normalized NCHW float in ONNX);
-`patches<p>` (e.g. `patches16`) takes the tile's p x p patch rows (`tiles.patchify`), raw values, the
-normalization being folded into the model's first MatMul.
+How a tile enters the model is the bundle's vision layout (`vision.layout` in the manifest, resolved
+by `tile_feed`; the layouts are defined once, in LAYOUTS): `conv` takes the tile as it is (NHWC uint8
+on the NPU, normalized NCHW float in ONNX); `patches<p>` (e.g. `patches16`) takes the tile's p x p
+patch rows (`tiles.patchify`), raw values, the normalization being folded into the model's first MatMul.
 
 `VisionCache` keeps an image's rows for the session, keyed by a hash of the image bytes and the
 tile settings, so a follow-up question about the same picture does not encode it again.
@@ -31,72 +30,129 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 
 from .errors import RuntimeUnavailable, VisionError
-from .tiles import SplitSettings, TilePlan, patchify
+from .tiles import SplitSettings, TilePlan, normalize_tiles, patch_row_length, patchify
 
 NPU_CORE_MODES = ("parallel", "single", "all")
 _RKNNLITE_HINT = "pip install rknn-toolkit-lite2==2.5.0 on the board (aarch64), and put librknnrt.so in /usr/lib"
 
 
-# -- input layouts ----------------------------------------------------------------------------
+# -- input layouts: how a tile enters the vision model ------------------------------------------
 
 
-def _conv_npu(tile: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(tile[None])
-
-
-def _conv_onnx(tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
-    r = settings.rescale_factor
-    mean = np.asarray([m / r for m in settings.image_mean], np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray([s / r for s in settings.image_std], np.float32).reshape(1, 3, 1, 1)
-    return (tiles.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std
-
-
-@dataclass(frozen=True)
 class TileFeed:
-    """How one vision layout feeds a uint8 NHWC tile: to rknnlite (with its data_format) and to ONNX."""
+    """One vision input layout: the model input a uint8 NHWC tile becomes, for rknnlite and for ONNX.
 
-    name: str
-    npu_input: Callable[[np.ndarray], np.ndarray]
-    npu_data_format: Optional[str]
-    onnx_input: Callable[[np.ndarray, SplitSettings], np.ndarray]
+    The one definition of each layout, registered in LAYOUTS under its `kind`; host.vision_export's
+    export layouts extend these classes (adding the graph's patch embedding and the calibration
+    samples) and are registered under the same names. An instance is bound to the model's patch
+    size; `name` is the manifest's vision.layout.
+    """
+
+    kind: ClassVar[str]  # the registry key (host.convert's --vision-layout choice)
+    # True: the patch size is part of the manifest name (`<kind><p>`): the board cannot ask rknnlite
+    # for the model's input shape, so it must travel in the manifest
+    per_patch: ClassVar[bool] = False
+    # True: the model takes normalized pixels (the RKNN build bakes mean/std into its input, the ONNX
+    # feed normalizes); False: it starts from raw 0..255 values (the normalization is in its weights)
+    rknn_normalizes: ClassVar[bool]
+    # rknnlite's data_format for npu_input() ('nhwc': a 4-D image input; None: not an image, none passed)
+    npu_data_format: ClassVar[Optional[str]]
+
+    def __init__(self, patch: Optional[int] = None):
+        self.patch = patch
+
+    @property
+    def name(self) -> str:
+        """The manifest's vision.layout, the key tile_feed resolves."""
+        return f"{self.kind}{self.patch}" if self.per_patch else self.kind
+
+    def input_shape(self, tile: int) -> tuple[int, ...]:
+        """The model's (ONNX graph's) input shape for one tile of `tile` x `tile` pixels."""
+        raise NotImplementedError
+
+    def npu_input(self, tile: np.ndarray) -> np.ndarray:
+        """What rknnlite is fed for one uint8 NHWC tile [T, T, 3]."""
+        raise NotImplementedError
+
+    def onnx_input(self, tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
+        """The float32 ONNX input for uint8 NHWC tiles [n, T, T, 3]: what the RKNN model makes of npu_input."""
+        raise NotImplementedError
 
 
-def _patch_feed(patch: int) -> TileFeed:
-    """The tile as its patch rows: uint8 [1, (T/p)^2, L] (tiles.patchify) to rknnlite, as float32 to ONNX.
+class ConvFeed(TileFeed):
+    """transformers' layout: the tile's pixels into the patch Conv. rknnlite gets the uint8 NHWC tile
+    (the build baked the normalization in), ONNX the normalized NCHW tile (tiles.normalize_tiles)."""
+
+    kind = "conv"
+    rknn_normalizes = True
+    npu_data_format = "nhwc"
+
+    def input_shape(self, tile: int) -> tuple[int, ...]:
+        return (1, 3, tile, tile)
+
+    def npu_input(self, tile: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(tile[None])
+
+    def onnx_input(self, tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
+        return normalize_tiles(tiles, settings)
+
+
+class PatchFeed(TileFeed):
+    """The tile as its patch rows: uint8 [1, (T/p)^2, row_length] (tiles.patchify) to rknnlite, as float32 to ONNX.
 
     The RKNN model's input is 3-D, so no data_format is passed (rknnlite applies data_format to 4-D
     inputs only) and the uint8 array goes in as it is: the runtime converts it to the model's input
     type (float16, or int8 with the input's quantization), and nothing is normalized on the way:
     the model's weights carry the normalization.
     """
-    return TileFeed(
-        f"patches{patch}",
-        lambda tile: patchify(tile[None], patch),
-        None,
-        lambda tiles, settings: patchify(tiles, patch).astype(np.float32),
-    )
+
+    kind = "patches"
+    per_patch = True
+    rknn_normalizes = False
+    npu_data_format = None
+
+    def __init__(self, patch: Optional[int] = None):
+        if not patch:
+            raise ValueError(f"the '{self.kind}' layout needs the model's patch size")
+        super().__init__(patch)
+
+    @property
+    def row_length(self) -> int:
+        """Values per patch row: p*p*3 padded to tiles.PATCH_ROW_ALIGN (768 at p=16, 592 at p=14)."""
+        return patch_row_length(self.patch)
+
+    def input_shape(self, tile: int) -> tuple[int, ...]:
+        return (1, (tile // self.patch) ** 2, self.row_length)
+
+    def npu_input(self, tile: np.ndarray) -> np.ndarray:
+        return patchify(tile[None], self.patch)
+
+    def onnx_input(self, tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
+        return patchify(tiles, self.patch).astype(np.float32)
 
 
-# fixed layouts by name; `patches<p>` layouts are made for their patch size p by tile_feed
-FEEDS = {"conv": TileFeed("conv", _conv_npu, "nhwc", _conv_onnx)}
-_PATCHES = re.compile(r"patches([1-9][0-9]*)")
+LAYOUTS: dict[str, type[TileFeed]] = {feed.kind: feed for feed in (ConvFeed, PatchFeed)}
+# the layouts whose manifest name is their kind, one instance each; per-patch ones are made by tile_feed
+FEEDS: dict[str, TileFeed] = {kind: feed() for kind, feed in LAYOUTS.items() if not feed.per_patch}
 
 
 def tile_feed(layout: str) -> TileFeed:
-    """The feed for the manifest's vision.layout: a FEEDS name, or `patches<p>` (patch size p)."""
+    """The feed for the manifest's vision.layout: a FEEDS name, or `<kind><p>` of a per-patch layout."""
     if layout in FEEDS:
         return FEEDS[layout]
-    match = _PATCHES.fullmatch(layout)
-    if match:
-        return _patch_feed(int(match.group(1)))
+    for kind, feed in LAYOUTS.items():
+        match = re.fullmatch(re.escape(kind) + "([1-9][0-9]*)", layout) if feed.per_patch else None
+        if match:
+            return feed(int(match.group(1)))
+    known = ", ".join(f"{kind}<p>" if feed.per_patch else kind for kind, feed in LAYOUTS.items())
     raise VisionError(
         f"the bundle's vision model takes the '{layout}' input layout, which this runtime does not know "
-        f"(it knows: {', '.join(FEEDS)}, patches<p>)",
+        f"(it knows: {known})",
         hint="update the board code to the version that converted the bundle",
     )
 

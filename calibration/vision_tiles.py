@@ -108,10 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-image", type=int, default=2, help="tiles taken from each image (global view first)")
     parser.add_argument("--layout", choices=tuple(LAYOUTS), default="conv", help="vision input layout the tiles are for")
     args = parser.parse_args(argv)
-    settings = SplitSettings.from_preprocessor(load_checkpoint(args.model).preprocessor)
+    checkpoint = load_checkpoint(args.model)
+    settings = SplitSettings.from_preprocessor(checkpoint.preprocessor)
     images = find_images(args.images) if args.images else default_images("calibration")
     tiles = cut_tiles(images, settings, args.per_image)
-    dataset = write_dataset(tiles, get_layout(args.layout).calibration_array, args.out)
+    dataset = write_dataset(tiles, get_layout(args.layout, checkpoint.patch_size).calibration_array, args.out)
     print(f"{len(tiles)} tiles of {settings.tile}px from {len(images)} images -> {dataset}")
     return 0
 

@@ -393,60 +393,80 @@ def stage_manifest(job: Job, text: dict[str, Any], vision: dict[str, Any], rkllm
     return {"files": len(manifest[B.K_FILES]), "board_mb": round(board_bytes / 1e6, 1)}
 
 
-def stage_self_check(job: Job) -> dict[str, Any]:
-    """Open the bundle as the board does and reproduce the reference processor on a real image."""
-    from PIL import Image, ImageOps
-
-    from board.image_io import load_image
-    from board.prompt import build_prompt
-    from board.tiles import split_image
-
-    bundle = B.Bundle.open(job.root, verify=True)
-    fmt, tokenizer, processor = bundle.prompt_format, bundle.tokenizer(), job.processor
-    image_path = job.holdout_images()[0]
-    conversations = [
-        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SELF_CHECK_QUESTION}]}], [image_path]),
+def self_check_conversations(image: Path) -> list[tuple[list[dict[str, Any]], list[Path]]]:
+    """What the self-check renders, as (messages, image paths): a question about one image, and a
+    text-only chat with a system turn, a blank line and an earlier answer (the template's edge cases)."""
+    return [
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SELF_CHECK_QUESTION}]}], [image]),
         ([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
           {"role": "user", "content": [{"type": "text", "text": "Hello!\n\nWho are you?"}]},
           {"role": "assistant", "content": [{"type": "text", "text": " A model."}]},
           {"role": "user", "content": [{"type": "text", "text": "And?"}]}], []),
     ]
-    checked = {}
-    for messages, images in conversations:
-        tiled = [split_image(load_image(p), bundle.split_settings) for p in images]
-        prompt = build_prompt(messages, [t.plan for t in tiled], fmt, tokenizer, bundle.image_token_id)
-        ref_images = [ImageOps.exif_transpose(Image.open(p)) for p in images]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        ref = processor(text=text, images=ref_images or None)
-        ref_ids = list(ref["input_ids"][0])
-        if prompt.input_ids.tolist() != ref_ids:
-            first = next((i for i, (a, b) in enumerate(zip(prompt.input_ids.tolist(), ref_ids)) if a != b),
-                         min(len(prompt), len(ref_ids)))
-            raise SelfCheckError(
-                f"the bundle's prompt format + tokenizer give {len(prompt)} token ids, the reference processor "
-                f"{len(ref_ids)}; they first differ at position {first}",
-                hint="this checkpoint's template or tokenizer is not supported yet; do not use this bundle",
-            )
-        if tiled:
-            ours = tiled[0].normalized()
-            theirs = np.asarray(ref["pixel_values"][0][: len(ours)], np.float32)
-            diff = np.abs(ours - theirs) if ours.shape == theirs.shape else None
-            if diff is None or diff.mean() > PIXEL_MEAN_TOL or diff.max() > PIXEL_MAX_TOL:
-                raise SelfCheckError(
-                    f"the board front end's tiles differ from the reference processor's for {image_path.name}: "
-                    + ("shapes " + f"{ours.shape} vs {theirs.shape}" if diff is None
-                       else f"mean {diff.mean():.4f} / max {diff.max():.4f} on the [-1, 1] scale"),
-                    hint="the preprocessor settings in the manifest do not reproduce the checkpoint's; do not use this bundle",
-                )
-            checked["pixel_max_abs_diff"] = float(diff.max())
-            checked["tiles"] = len(ours)
-        checked["image_prompt_tokens" if images else "text_prompt_tokens"] = len(prompt)
-    end_of_turn = tokenizer.encode(fmt.end_of_turn, add_special_tokens=False).ids[0]
+
+
+def _reference_inputs(processor: Any, messages: list[dict[str, Any]], images: Sequence[Path]) -> Any:
+    """The reference processor's input_ids and pixel_values for a conversation (EXIF-rotated images, as load_image)."""
+    from PIL import Image, ImageOps
+
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=text, images=[ImageOps.exif_transpose(Image.open(p)) for p in images] or None)
+
+
+def _check_token_ids(ours: list[int], reference: list[int]) -> None:
+    if ours != reference:
+        first = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+        raise SelfCheckError(
+            f"the bundle's prompt format + tokenizer give {len(ours)} token ids, the reference processor "
+            f"{len(reference)}; they first differ at position {first}",
+            hint="this checkpoint's template or tokenizer is not supported yet; do not use this bundle",
+        )
+
+
+def _check_pixels(tiled: Any, reference: Any, image_name: str) -> dict[str, Any]:
+    """The board front end's tiles (normalized) against the reference's pixel_values, within PIXEL_*_TOL."""
+    ours = tiled.normalized()
+    theirs = np.asarray(reference[: len(ours)], np.float32)
+    diff = np.abs(ours - theirs) if ours.shape == theirs.shape else None
+    if diff is None or diff.mean() > PIXEL_MEAN_TOL or diff.max() > PIXEL_MAX_TOL:
+        raise SelfCheckError(
+            f"the board front end's tiles differ from the reference processor's for {image_name}: "
+            + ("shapes " + f"{ours.shape} vs {theirs.shape}" if diff is None
+               else f"mean {diff.mean():.4f} / max {diff.max():.4f} on the [-1, 1] scale"),
+            hint="the preprocessor settings in the manifest do not reproduce the checkpoint's; do not use this bundle",
+        )
+    return {"pixel_max_abs_diff": float(diff.max()), "tiles": len(ours)}
+
+
+def _check_end_of_turn(job: Job, bundle: Any, tokenizer: Any) -> None:
+    """Generation stops at the end of the turn: the bundle's first EOS id and the decoder folder's are that token."""
+    end_of_turn = tokenizer.encode(bundle.prompt_format.end_of_turn, add_special_tokens=False).ids[0]
     if bundle.eos_token_ids[0] != end_of_turn:
         raise SelfCheckError(f"the bundle's first EOS id {bundle.eos_token_ids[0]} is not the end-of-turn token {end_of_turn}")
     decoder_eos = json.loads((job.root / B.DECODER_HF / "config.json").read_text())["eos_token_id"]
     if (decoder_eos if isinstance(decoder_eos, int) else decoder_eos[0]) != end_of_turn:
         raise SelfCheckError(f"{B.DECODER_HF}/config.json has eos {decoder_eos}, not the end-of-turn token {end_of_turn}")
+
+
+def stage_self_check(job: Job) -> dict[str, Any]:
+    """Open the bundle as the board does and reproduce the reference processor on a real image."""
+    from board.image_io import load_image
+    from board.prompt import build_prompt
+    from board.tiles import split_image
+
+    bundle = B.Bundle.open(job.root, verify=True)
+    tokenizer = bundle.tokenizer()
+    image_path = job.holdout_images()[0]
+    checked: dict[str, Any] = {}
+    for messages, images in self_check_conversations(image_path):
+        tiled = [split_image(load_image(p), bundle.split_settings) for p in images]
+        prompt = build_prompt(messages, [t.plan for t in tiled], bundle.prompt_format, tokenizer, bundle.image_token_id)
+        ref = _reference_inputs(job.processor, messages, images)
+        _check_token_ids(prompt.input_ids.tolist(), list(ref["input_ids"][0]))
+        if tiled:
+            checked.update(_check_pixels(tiled[0], ref["pixel_values"][0], image_path.name))
+        checked["image_prompt_tokens" if images else "text_prompt_tokens"] = len(prompt)
+    _check_end_of_turn(job, bundle, tokenizer)
     job.log(f"self-check passed on {image_path.name}: {checked}")
     return {"image": image_path.name, **checked}
 
@@ -456,17 +476,13 @@ def stage_self_check(job: Job) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def vision_options(args: argparse.Namespace) -> Any:
-    from host.vision_rknn import BuildOptions, QuantOptions
+VISION_FLAGS = "vision-"  # host.convert's prefix for host.vision_rknn's build flags (--vision-dtype, ...)
 
-    options = BuildOptions(
-        dtype=args.vision_dtype,
-        quant=QuantOptions(algorithm=args.vision_algorithm, method=args.vision_quant_method, hybrid=args.vision_hybrid,
-                           fp16_tensors=tuple(args.vision_fp16_tensor)),
-        min_cosine=args.vision_min_cosine,
-    )
-    options.validate()
-    return options
+
+def vision_options(args: argparse.Namespace) -> Any:
+    from host.vision_rknn import options_from_args
+
+    return options_from_args(args, VISION_FLAGS)
 
 
 def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -563,8 +579,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from host.checkpoint import DEFAULT_MODEL
     from host.tiny_model import FAMILIES
-    from host.vision_export import DEFAULT_LAYOUT, LAYOUTS
-    from host.vision_rknn import HYBRID_MODES, QUANTIZED_ALGORITHMS, QUANTIZED_METHODS
+    from host.vision_rknn import add_build_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m host.convert",
@@ -589,22 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images for int8 calibration of the vision model and the decoder (default: the shipped set)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
     parser.add_argument("--quiet", action="store_true", help="no progress lines (errors and the summary only)")
-    vision = parser.add_argument_group("vision model (rknn-toolkit2)")
-    vision.add_argument("--vision-layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT,
-                        help="how the board hands a tile to the NPU: 'patches' (its patch rows into a MatMul, "
-                             "the normalization folded into the weights) or 'conv' (the tile into transformers' "
-                             "patch Conv, as Rockchip's demo); recorded in the manifest (docs/vision_variants.md)")
-    vision.add_argument("--vision-dtype", choices=("fp16", "int8"), default="fp16")
-    vision.add_argument("--vision-algorithm", choices=QUANTIZED_ALGORITHMS, default="normal",
-                        help="int8 calibration algorithm (mmse is very slow: ~22 min for SigLIP-B on 2 cores)")
-    vision.add_argument("--vision-quant-method", choices=QUANTIZED_METHODS, default="channel")
-    vision.add_argument("--vision-hybrid", choices=HYBRID_MODES, default="off",
-                        help="int8: keep sensitive layers in float16 ('proposal': the toolkit's proposal; 'auto': auto_hybrid)")
-    vision.add_argument("--vision-fp16-tensor", action="append", default=[], metavar="NAME",
-                        help="int8: a tensor to keep in float16 (names from the toolkit's .quantization.cfg); repeatable")
-    vision.add_argument("--vision-min-cosine", type=float, default=None,
-                        help="fail when the simulator's cosine vs PyTorch on held-out tiles is below this "
-                             "(default 0.999 fp16, 0.99 int8)")
+    add_build_arguments(parser.add_argument_group("vision model (rknn-toolkit2)"), VISION_FLAGS)
     decoder = parser.add_argument_group("decoder calibration (W8A8)")
     decoder.add_argument("--decoder-calibration-tiles", type=int, default=48,
                          help="reference vision tiles spent on the calibration set (~4 s each at full size)")

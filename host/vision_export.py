@@ -9,35 +9,38 @@ is never padded, so the position ids are simply 0..P-1 and the wrapper adds the 
 table directly; the result is bit-identical to the reference (`VisionTower.reference` runs the
 unmodified transformers path, and the tests compare the two).
 
-The input side is a pluggable `InputLayout`: how the tile enters the graph (its shape, the patch
-embedding that consumes it, what the RKNN build bakes in, what the board feeds). Two layouts:
+The input side is a pluggable `InputLayout`, the export side of one of the board's layouts
+(board.vision.LAYOUTS defines each layout's name, input shape and what the board feeds; the export
+layout adds the patch embedding that consumes it and the calibration samples). Two layouts:
 - `conv`, transformers' and Rockchip's demo: an NCHW tile into the 16x16/stride-16 Conv, the
   normalization baked into the RKNN input. The compiler runs that Conv at stride 4 with 3 input
   channels and keeps one output in 16: 192 M of its 364 M estimated cycles per 512 tile (fp16).
 - `patches`: the tile as its patch rows [P, p*p*3 padded to 16] (`board.tiles.patchify`, a numpy reshape/transpose
   of the uint8 tile on the board) into one MatMul whose weights are the Conv's, reordered, with the
-  normalization folded into them (W * rescale/std, bias - W . mean/std) and the position table
-  folded into its bias. The board still feeds raw uint8 values and nothing is baked into the input.
+  normalization (board.tiles.normalization: v * scale + offset) folded into them (W * scale,
+  bias + W . offset) and the position table folded into its bias. The board still feeds raw uint8
+  values and nothing is baked into the input.
 The encoder, post-norm, pixel shuffle and projection after the patch embedding are shared by every
 layout. `GraphForms` picks how the exporter writes ops that compute the same thing (attention,
 LayerNorm, the connector's pixel shuffle), so the compiler's handling of each can be measured
-(scripts/vision_variants.py).
+(scripts/vision_variants.py). The torch modules live in host.vision_modules, imported only where a
+graph is built, so importing this module stays torch-free.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from board.tiles import SplitSettings, normalize_tiles, patch_row_length, patchify, tokens_per_tile
+from board.tiles import SplitSettings, normalize_tiles, tokens_per_tile
+from board.vision import LAYOUTS as BOARD_LAYOUTS
+from board.vision import ConvFeed, PatchFeed, TileFeed
 
 # Opset 17-19: GELU and LayerNorm export as single nodes the compiler fuses; 20 is rejected by it.
 DEFAULT_OPSET = 18
@@ -60,10 +63,6 @@ class VisionGeometry:
     @property
     def grid(self) -> int:
         return self.tile // self.patch
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid**2
 
     @property
     def tokens_per_tile(self) -> int:
@@ -108,66 +107,46 @@ class GraphForms:
 REFERENCE_FORMS = GraphForms(connector="reference")
 
 
-class InputLayout:
-    """How a tile enters the graph; one subclass per layout, registered in LAYOUTS.
+class InputLayout(TileFeed):
+    """The export side of a board vision layout (board.vision.TileFeed, which defines the layout's name,
+    input shape and feeds): the graph's patch embedding and the toolkit's calibration samples.
 
-    Everything that depends on the layout lives here, so the export, the RKNN build, the calibration
-    set and the accuracy check can never disagree about it. An instance is bound to a patch size.
+    One subclass per board layout, registered in LAYOUTS under the board's name, so the export, the
+    RKNN build, the calibration set, the accuracy check and the board can never disagree about it.
+    An instance is bound to the model's patch size.
     """
 
-    name: str
-    # True: the graph takes normalized pixels and the RKNN build bakes mean/std in (board feeds uint8).
-    # False: the graph itself starts from raw 0..255 values (normalization folded into its weights).
-    rknn_normalizes: bool
-    # How rknn.inference is told the layout of rknn_input() ('nhwc' for image tiles, None otherwise).
-    rknn_data_format: str | None
-
-    def __init__(self, patch: int | None = None):
-        self.patch = patch
-
-    @property
-    def manifest_name(self) -> str:
-        """The bundle manifest's vision.layout: the key board.vision.tile_feed resolves."""
-        return self.name
-
-    def onnx_input_shape(self, geometry: VisionGeometry) -> tuple[int, ...]:
-        raise NotImplementedError
-
     def embedding(self, embeddings: Any, settings: SplitSettings | None) -> Any:
-        """A torch module: the graph's input x -> patch embeddings + positions [1, P, D]."""
-        raise NotImplementedError
-
-    def onnx_input(self, tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
-        """The float32 graph input for uint8 NHWC tiles [n, T, T, 3] (batch of n, for ONNX Runtime)."""
-        raise NotImplementedError
-
-    def rknn_input(self, tile: np.ndarray) -> np.ndarray:
-        """What the board hands the NPU for one uint8 NHWC tile [T, T, 3]."""
+        """A torch module (host.vision_modules): the graph's input x -> patch embeddings + positions [1, P, D]."""
         raise NotImplementedError
 
     def calibration_array(self, tile: np.ndarray) -> np.ndarray:
         """One calibration sample for rknn-toolkit2's dataset (.npy): the RKNN input before mean/std."""
         raise NotImplementedError
 
+    # The toolkit's names for the board's feed: the simulator check gets exactly what rknnlite gets.
+    @property
+    def manifest_name(self) -> str:
+        return self.name
 
-class ConvLayout(InputLayout):
-    """transformers' layout: the tile as NCHW pixels into the 16x16 (or 14x14) stride-patch Conv."""
-
-    name = "conv"
-    rknn_normalizes = True
-    rknn_data_format = "nhwc"
-
-    def onnx_input_shape(self, geometry: VisionGeometry) -> tuple[int, ...]:
-        return (1, 3, geometry.tile, geometry.tile)
-
-    def embedding(self, embeddings: Any, settings: SplitSettings | None) -> Any:
-        return _modules().ConvPatchEmbedding(embeddings)
-
-    def onnx_input(self, tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
-        return normalize_tiles(tiles, settings)
+    @property
+    def rknn_data_format(self) -> str | None:
+        return self.npu_data_format
 
     def rknn_input(self, tile: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(tile[None])
+        return self.npu_input(tile)
+
+    def onnx_input_shape(self, geometry: VisionGeometry) -> tuple[int, ...]:
+        return self.input_shape(geometry.tile)
+
+
+class ConvLayout(InputLayout, ConvFeed):
+    """transformers' layout: the tile as NCHW pixels into the 16x16 (or 14x14) stride-patch Conv."""
+
+    def embedding(self, embeddings: Any, settings: SplitSettings | None) -> Any:
+        from host.vision_modules import ConvPatchEmbedding
+
+        return ConvPatchEmbedding(embeddings)
 
     def calibration_array(self, tile: np.ndarray) -> np.ndarray:
         # NCHW raw 0..255: the toolkit applies the baked-in mean/std itself (pre-normalized data
@@ -175,7 +154,7 @@ class ConvLayout(InputLayout):
         return np.ascontiguousarray(tile.transpose(2, 0, 1)[None].astype(np.float32))
 
 
-class PatchLayout(InputLayout):
+class PatchLayout(InputLayout, PatchFeed):
     """The tile as its patch rows (board.tiles.patchify), into a MatMul holding the folded Conv weights.
 
     RKNN input: uint8 [1, P, L], a 3-D tensor (L = p*p*3 padded to a multiple of 16: [1024, 768] at
@@ -186,39 +165,31 @@ class PatchLayout(InputLayout):
     (the toolkit also took [P, L] and uint8 files; checked on a small model).
     """
 
-    name = "patches"
-    rknn_normalizes = False
-    rknn_data_format = None
-
-    def __init__(self, patch: int | None = None):
-        if not patch:
-            raise ValueError("the 'patches' layout needs the model's patch size")
-        super().__init__(patch)
-
-    @property
-    def manifest_name(self) -> str:
-        # the board cannot ask rknnlite for the model's input shape, so the patch size travels in the name
-        return f"{self.name}{self.patch}"
-
-    def onnx_input_shape(self, geometry: VisionGeometry) -> tuple[int, ...]:
-        return (1, geometry.n_patches, patch_row_length(geometry.patch))
-
     def embedding(self, embeddings: Any, settings: SplitSettings | None) -> Any:
+        from host.vision_modules import FoldedPatchEmbedding
+
         if settings is None:
             raise ValueError("the 'patches' layout folds the normalization into its weights: pass the checkpoint's settings")
-        return _modules().FoldedPatchEmbedding(embeddings, settings)
-
-    def onnx_input(self, tiles: np.ndarray, settings: SplitSettings) -> np.ndarray:
-        return patchify(tiles, self.patch).astype(np.float32)
-
-    def rknn_input(self, tile: np.ndarray) -> np.ndarray:
-        return patchify(tile[None], self.patch)
+        return FoldedPatchEmbedding(embeddings, settings, self.row_length)
 
     def calibration_array(self, tile: np.ndarray) -> np.ndarray:
-        return patchify(tile[None], self.patch).astype(np.float32)
+        return self.npu_input(tile).astype(np.float32)
 
 
-LAYOUTS: dict[str, type[InputLayout]] = {layout.name: layout for layout in (ConvLayout, PatchLayout)}
+def export_layouts(*layouts: type[InputLayout]) -> dict[str, type[InputLayout]]:
+    """The export layouts by the board's names (board.vision.LAYOUTS): refuses a board layout without
+    its export, an export without its board layout, and an export that does not extend the board's."""
+    registry = {layout.kind: layout for layout in layouts}
+    problems = [f"board layout '{k}' has no export layout" for k in BOARD_LAYOUTS if k not in registry]
+    problems += [f"export layout '{k}' has no board layout" for k in registry if k not in BOARD_LAYOUTS]
+    problems += [f"export layout '{k}' ({layout.__name__}) does not extend board.vision.{BOARD_LAYOUTS[k].__name__}"
+                 for k, layout in registry.items() if k in BOARD_LAYOUTS and not issubclass(layout, BOARD_LAYOUTS[k])]
+    if problems:
+        raise TypeError("; ".join(problems))
+    return registry
+
+
+LAYOUTS = export_layouts(ConvLayout, PatchLayout)
 
 
 def get_layout(name: str, patch: int | None = None) -> InputLayout:
@@ -229,168 +200,6 @@ def get_layout(name: str, patch: int | None = None) -> InputLayout:
         raise ValueError(f"unknown vision input layout '{name}' (known: {', '.join(LAYOUTS)})") from None
 
 
-@functools.cache
-def _modules() -> SimpleNamespace:
-    """The torch modules of the export, defined on first use so board-side imports stay torch-free."""
-    import torch
-    from torch import nn
-
-    class ConvPatchEmbedding(nn.Module):
-        """transformers' patch embedding (Conv, flatten, transpose) + the position table, as its code does."""
-
-        def __init__(self, embeddings: nn.Module):
-            super().__init__()
-            self.conv = embeddings.patch_embedding
-            self.position = embeddings.position_embedding
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # every tile is unpadded, so position ids are 0..P-1: add the table itself (no bucketize)
-            return self.conv(x).flatten(2).transpose(1, 2) + self.position.weight.unsqueeze(0)
-
-        def extra_repr(self) -> str:
-            return "conv + positions"
-
-    class FoldedPatchEmbedding(nn.Module):
-        """Raw 0..255 patch rows [1, P, L] (board.tiles.patchify) -> x @ W + B == the Conv on normalized pixels.
-
-        With n = x * rescale / std_c - mean_c / std_c per channel: W = conv weights * rescale / std_c,
-        reordered to the rows' (y, x, c) order; B = conv bias - sum(conv weights * mean_c / std_c) + the
-        position table. Folded in float64, stored float32.
-        """
-
-        def __init__(self, embeddings: nn.Module, settings: SplitSettings):
-            super().__init__()
-            conv = embeddings.patch_embedding
-            weight = conv.weight.detach().double()  # [D, 3, p, p]
-            mean = torch.tensor(settings.image_mean, dtype=torch.float64).view(1, 3, 1, 1)
-            std = torch.tensor(settings.image_std, dtype=torch.float64).view(1, 3, 1, 1)
-            scaled = weight * (settings.rescale_factor / std)
-            bias = conv.bias.detach().double() - (weight * (mean / std)).sum((1, 2, 3))
-            positions = embeddings.position_embedding.weight.detach().double()
-            # [D, 3, p, p] -> [p, p, 3, D] -> [p*p*3, D]: x @ weight with no transpose left in the graph;
-            # zero rows for the row padding (board.tiles.PATCH_ROW_ALIGN)
-            folded = scaled.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
-            pad = patch_row_length(conv.kernel_size[0]) - folded.shape[0]
-            folded = torch.cat([folded, folded.new_zeros(pad, folded.shape[1])])
-            self.weight = nn.Parameter(folded.float(), requires_grad=False)
-            self.bias = nn.Parameter((bias.unsqueeze(0) + positions).unsqueeze(0).float(), requires_grad=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.matmul(x, self.weight) + self.bias
-
-    class BlockShuffle(nn.Module):
-        """The connector's pixel shuffle as one 5-D transpose (the same order as transformers'), then the projection."""
-
-        def __init__(self, connector: nn.Module, grid: int):
-            super().__init__()
-            self.proj, self.scale, self.grid = connector.modality_projection.proj, int(connector.scale_factor), grid
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            g, s, d = self.grid, self.scale, x.shape[-1]
-            # token (I, J) holds rows (I*s + dy, J*s + dx) in (dy, dx, d) order: [G/s, s, G/s, s, D] -> [G/s, G/s, s, s, D]
-            blocks = x.reshape(g // s, s, g // s, s, d).permute(0, 2, 1, 3, 4)
-            return self.proj(blocks.reshape(1, (g // s) ** 2, s * s * d))
-
-    class ConvShuffle(nn.Module):
-        """Pixel shuffle + projection as one stride-s Conv on the [1, D, G, G] feature map (same result)."""
-
-        def __init__(self, connector: nn.Module, grid: int):
-            super().__init__()
-            proj, s = connector.modality_projection.proj, int(connector.scale_factor)
-            d = proj.in_features // (s * s)
-            self.grid = grid
-            self.conv = nn.Conv2d(d, proj.out_features, kernel_size=s, stride=s, bias=proj.bias is not None)
-            with torch.no_grad():
-                # projection input index (dy, dx, d) -> Conv weight [out, d, dy, dx]
-                self.conv.weight.copy_(proj.weight.reshape(proj.out_features, s, s, d).permute(0, 3, 1, 2))
-                if proj.bias is not None:
-                    self.conv.bias.copy_(proj.bias)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            g, d = self.grid, x.shape[-1]
-            grid = x.reshape(1, g, g, d).permute(0, 3, 1, 2)
-            return self.conv(grid).flatten(2).transpose(1, 2)
-
-    class DecomposedLayerNorm(nn.Module):
-        """LayerNorm written out (mean, variance, rsqrt, affine) for the export of GraphForms.layernorm='decomposed'."""
-
-        def __init__(self, norm: nn.LayerNorm):
-            super().__init__()
-            self.norm = norm
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # elementwise ops keep a transposed input's strides, and the connector's view() needs
-            # contiguous rows (LayerNorm's own kernel returns them); a no-op in the ONNX graph
-            x = x.contiguous()
-            mean = x.mean(-1, keepdim=True)
-            centered = x - mean
-            var = (centered * centered).mean(-1, keepdim=True)
-            return centered / torch.sqrt(var + self.norm.eps) * self.norm.weight + self.norm.bias
-
-    def explicit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                           **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' eager attention with the softmax written out (GraphForms.attention='explicit').
-
-        Shifted by the row mean (softmax does not change with a per-row shift): an unshifted softmax
-        is fused into exSDPAttention again, and a max shift leaves a ReduceMax on the CPU.
-        """
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        weights = torch.exp(scores - scores.mean(-1, keepdim=True))
-        weights = weights / weights.sum(-1, keepdim=True)
-        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("explicit", explicit_attention)
-
-    class VisionTower(nn.Module):
-        """One tile -> [1, N, text_hidden]: patch embedding + positions (per layout), encoder, connector."""
-
-        def __init__(self, vision_model: nn.Module, connector: nn.Module, layout: str,
-                     settings: SplitSettings | None, forms: GraphForms):
-            super().__init__()
-            self.vision_model = vision_model
-            self.connector = connector
-            cfg = vision_model.config
-            proj = connector.modality_projection.proj
-            self.geometry = VisionGeometry(
-                tile=int(cfg.image_size),
-                patch=int(cfg.patch_size),
-                scale_factor=int(connector.scale_factor),
-                vision_hidden=int(cfg.hidden_size),
-                text_hidden=int(proj.out_features),
-            )
-            self.layout = get_layout(layout, self.geometry.patch)
-            self.forms = forms
-            self.patch_embed = self.layout.embedding(vision_model.embeddings, settings)
-            shuffles = {"reference": None, "blocks": BlockShuffle, "conv": ConvShuffle}
-            shuffle = shuffles[forms.connector]
-            self.connect = connector if shuffle is None else shuffle(connector, self.geometry.grid)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            vm = self.vision_model
-            hidden = self.patch_embed(x)
-            hidden = vm.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
-            hidden = vm.post_layernorm(hidden)
-            return self.connect(hidden)
-
-        @torch.no_grad()
-        def reference(self, pixels: np.ndarray) -> np.ndarray:
-            """transformers' own vision forward (bucketized positions) + connector on normalized [n,3,T,T] tiles."""
-            out = []
-            for tile in pixels:
-                x = torch.from_numpy(np.ascontiguousarray(tile[None], dtype=np.float32))
-                features = self.vision_model(pixel_values=x).last_hidden_state
-                out.append(self.connector(features)[0].numpy())
-            return np.stack(out)
-
-    return SimpleNamespace(**{cls.__name__: cls for cls in (
-        ConvPatchEmbedding, FoldedPatchEmbedding, BlockShuffle, ConvShuffle, DecomposedLayerNorm, VisionTower)})
-
-
 def vision_tower(vision_model: Any, connector: Any, layout: str = "conv", attention: str | None = None, *,
                  settings: SplitSettings | None = None, forms: GraphForms | None = None) -> Any:
     """Wrap a vision model + connector for export. `settings` (the checkpoint's normalization) is needed
@@ -399,9 +208,10 @@ def vision_tower(vision_model: Any, connector: Any, layout: str = "conv", attent
     forms = forms or GraphForms()
     if attention is not None:
         forms = replace(forms, attention=attention)
-    modules = _modules()  # registers the 'explicit' attention with transformers
+    from host.vision_modules import VisionTower  # registers the 'explicit' attention with transformers
+
     vision_model.set_attn_implementation(forms.attention)
-    tower = modules.VisionTower(vision_model, connector, layout, settings, forms)
+    tower = VisionTower(vision_model, connector, layout, settings, forms)
     return tower.eval()
 
 
@@ -452,10 +262,12 @@ def _export_forms(tower: Any) -> Iterator[None]:
         return
     from torch import nn
 
+    from host.vision_modules import DecomposedLayerNorm
+
     swapped = [(parent, name, child) for parent in list(tower.vision_model.modules())
                for name, child in parent.named_children() if isinstance(child, nn.LayerNorm)]
     for parent, name, child in swapped:
-        setattr(parent, name, _modules().DecomposedLayerNorm(child))
+        setattr(parent, name, DecomposedLayerNorm(child))
     try:
         yield
     finally:

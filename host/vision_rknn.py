@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
-from board.tiles import SplitSettings
+from board.tiles import SplitSettings, normalization
 from host.toolkit_console import heartbeat, require_conversion_host, toolkit_output
 from host.vision_export import DEFAULT_LAYOUT, LAYOUTS, agreement
 
@@ -341,9 +341,95 @@ def _quantize_hybrid(rknn: Any, onnx_path: Path, dataset: Path, quant: QuantOpti
 
 
 def rknn_norm_values(settings: SplitSettings) -> tuple[list[list[float]], list[list[float]]]:
-    """mean_values/std_values on the 0..255 input: (x * rescale - mean) / std == (x - mean/rescale) / (std/rescale)."""
-    r = settings.rescale_factor
-    return [[m / r for m in settings.image_mean]], [[s / r for s in settings.image_std]]
+    """mean_values/std_values on the 0..255 input, from the board's normalization v * scale + offset
+    (board.tiles.normalization): the toolkit computes (v - mean_value) / std_value, so
+    mean_value = -offset / scale (= mean / rescale) and std_value = 1 / scale (= std / rescale)."""
+    scale, offset = normalization(settings)
+    return [[float(v) for v in -offset / scale]], [[float(v) for v in 1 / scale]]
+
+
+@dataclass(frozen=True)
+class _BuildFiles:
+    """What a build writes next to `<model>.rknn`: the toolkit's log and the two JSON reports."""
+
+    rknn: Path
+    log: Path
+    accuracy: Path
+    ops: Path
+
+    @classmethod
+    def beside(cls, rknn_path: Path) -> "_BuildFiles":
+        stem = rknn_path.with_suffix("")
+        return cls(rknn_path, *(Path(f"{stem}{s}") for s in (".log", ".accuracy.json", ".ops.json")))
+
+
+def _load_onnx(RKNN: type, onnx_path: Path, layout: Any, settings: SplitSettings, options: BuildOptions,
+               log: Path, progress: Progress) -> Any:
+    """A verbose RKNN object configured for the target (mean/std baked in where the layout takes pixels,
+    the int8 knobs) with the ONNX graph loaded."""
+    quant = options.quant
+    with progress.step("loading the ONNX graph", log):
+        rknn = RKNN(verbose=True)  # verbose: the build prints the op table parse_op_table reads
+        config: dict[str, Any] = {"target_platform": options.target_platform,
+                                  "optimization_level": options.optimization_level}
+        if layout.rknn_normalizes:
+            config["mean_values"], config["std_values"] = rknn_norm_values(settings)
+        if options.dtype == "int8":
+            config.update(quantized_dtype="w8a8", quantized_algorithm=quant.algorithm,
+                          quantized_method=quant.method, auto_hybrid_cos_thresh=quant.auto_hybrid_cos_thresh)
+        _check(rknn.config(**config), "config", log)
+        _check(rknn.load_onnx(model=str(onnx_path)), f"load_onnx({onnx_path})", log)
+    return rknn
+
+
+def _build(rknn: Any, onnx_path: Path, dataset: Path | None, options: BuildOptions, work: Path, log: Path,
+           progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """fp16, plain int8 or int8 through the hybrid steps; returns the built RKNN object (the hybrid
+    path makes a new one) and what the report records about the quantization."""
+    quant = options.quant
+    if options.dtype == "fp16":
+        with progress.step("fp16 build", log):
+            _check(rknn.build(do_quantization=False), "build", log)
+        return rknn, {}
+    if not quant.hybrid_steps:
+        auto = quant.hybrid == "auto"
+        with progress.step(f"int8 build ({quant.algorithm}/{quant.method}{', auto_hybrid' if auto else ''})", log):
+            _check(rknn.build(do_quantization=True, dataset=str(dataset), auto_hybrid=auto), "build", log)
+        return rknn, {"float16_tensors": "auto" if auto else [], "float_outputs": False}
+    rknn, kept = _quantize_hybrid(rknn, onnx_path, Path(dataset), quant, work, log, progress)
+    return rknn, {"float16_tensors": kept, "float_outputs": quant.float_outputs}
+
+
+def _simulate(rknn: Any, layout: Any, tiles: np.ndarray, row_shape: tuple[int, ...], log: Path,
+              progress: Progress) -> tuple[np.ndarray, float]:
+    """The built model in the toolkit's simulator on uint8 NHWC tiles, each fed as the board feeds it;
+    returns the features [n, *row_shape] and the seconds per tile."""
+    with progress.step(f"simulator accuracy check on {len(tiles)} held-out tiles", log):
+        _check(rknn.init_runtime(), "init_runtime (simulator)", log)
+        kwargs = {"data_format": [layout.rknn_data_format]} if layout.rknn_data_format else {}
+        t0 = time.monotonic()
+        outputs = []
+        for tile in tiles:
+            result = rknn.inference(inputs=[layout.rknn_input(tile)], **kwargs)
+            if result is None:
+                raise VisionBuildError("rknn-toolkit2 simulator inference failed", hint=f"see {log}")
+            outputs.append(np.asarray(result[0], np.float32).reshape(row_shape))
+        return np.stack(outputs), (time.monotonic() - t0) / len(tiles)
+
+
+def _op_summary(files: _BuildFiles, build_log_bytes: int) -> dict[str, Any]:
+    """The op table of the build's part of the log, written to `<model>.ops.json`; returns its summary."""
+    ops = parse_op_table(files.log.read_bytes()[:build_log_bytes].decode(errors="replace"))
+    summary = summarize_ops(ops)
+    files.ops.write_text(json.dumps({**summary, "ops": ops}, indent=2) + "\n")
+    return summary
+
+
+def _judge(outputs: np.ndarray, reference: np.ndarray, sim_s: float, threshold: float) -> dict[str, Any]:
+    """The simulator's features against the reference (host.vision_export.agreement), and the verdict."""
+    accuracy = agreement(outputs, reference)
+    accuracy.update(threshold=threshold, passed=accuracy["cosine_min"] >= threshold, simulator_s_per_tile=round(sim_s, 2))
+    return accuracy
 
 
 def build_vision_rknn(
@@ -371,17 +457,16 @@ def build_vision_rknn(
         raise InputError("an int8 build needs a calibration dataset (dataset.txt of .npy tiles)")
     RKNN = require_rknn_toolkit()
     progress = progress or Progress()
-    onnx_path, rknn_path = Path(onnx_path).resolve(), Path(rknn_path).resolve()
+    onnx_path = Path(onnx_path).resolve()
     dataset = Path(dataset).resolve() if dataset is not None else None
-    rknn_path.parent.mkdir(parents=True, exist_ok=True)
-    stem = rknn_path.with_suffix("")
-    log, acc_json, ops_json = (Path(f"{stem}{s}") for s in (".log", ".accuracy.json", ".ops.json"))
+    files = _BuildFiles.beside(Path(rknn_path).resolve())
+    files.rknn.parent.mkdir(parents=True, exist_ok=True)
+    log = files.log
     log.write_text("")
-    quant = options.quant
     report: dict[str, Any] = {
-        "model": rknn_path.name, "dtype": options.dtype, "layout": layout.manifest_name,
+        "model": files.rknn.name, "dtype": options.dtype, "layout": layout.manifest_name,
         "target_platform": options.target_platform,
-        "quantization": asdict(quant) if options.dtype == "int8" else None,
+        "quantization": asdict(options.quant) if options.dtype == "int8" else None,
         **(provenance or {}),
     }
     t_build = time.monotonic()
@@ -389,76 +474,39 @@ def build_vision_rknn(
     # the toolkit writes check*.onnx files into the current directory: keep them in the temp dir
     with tempfile.TemporaryDirectory(prefix="vision-rknn-") as tmp, _chdir(Path(tmp)):
         try:
-            with progress.step("loading the ONNX graph", log):
-                rknn = RKNN(verbose=True)
-                config: dict[str, Any] = {"target_platform": options.target_platform,
-                                          "optimization_level": options.optimization_level}
-                if layout.rknn_normalizes:
-                    config["mean_values"], config["std_values"] = rknn_norm_values(settings)
-                if options.dtype == "int8":
-                    config.update(quantized_dtype="w8a8", quantized_algorithm=quant.algorithm,
-                                  quantized_method=quant.method, auto_hybrid_cos_thresh=quant.auto_hybrid_cos_thresh)
-                _check(rknn.config(**config), "config", log)
-                _check(rknn.load_onnx(model=str(onnx_path)), f"load_onnx({onnx_path})", log)
-            if options.dtype == "fp16":
-                with progress.step("fp16 build", log):
-                    _check(rknn.build(do_quantization=False), "build", log)
-            elif not quant.hybrid_steps:
-                auto = quant.hybrid == "auto"
-                with progress.step(f"int8 build ({quant.algorithm}/{quant.method}{', auto_hybrid' if auto else ''})", log):
-                    _check(rknn.build(do_quantization=True, dataset=str(dataset), auto_hybrid=auto), "build", log)
-                report["float16_tensors"] = "auto" if auto else []
-                report["float_outputs"] = False
-            else:
-                rknn, report["float16_tensors"] = _quantize_hybrid(rknn, onnx_path, Path(dataset), quant, Path(tmp),
-                                                                   log, progress)
-                report["float_outputs"] = quant.float_outputs
+            rknn = _load_onnx(RKNN, onnx_path, layout, settings, options, log, progress)
+            rknn, quantized = _build(rknn, onnx_path, dataset, options, Path(tmp), log, progress)
+            report.update(quantized)
             with progress.step("export", log):
-                _check(rknn.export_rknn(str(rknn_path)), "export_rknn", log)
+                _check(rknn.export_rknn(str(files.rknn)), "export_rknn", log)
             build_log_bytes = log.stat().st_size  # the op table to parse is the build's, not a later step's
             report["build_s"] = round(time.monotonic() - t_build, 1)
-            report["rknn_mb"] = round(rknn_path.stat().st_size / 1e6, 1)
-
+            report["rknn_mb"] = round(files.rknn.stat().st_size / 1e6, 1)
             if options.accuracy_analysis:
-                report["accuracy_analysis"] = _accuracy_analysis(rknn, layout, holdout_tiles[:1], stem, Path(tmp), log, progress)
-
-            with progress.step(f"simulator accuracy check on {len(holdout_tiles)} held-out tiles", log):
-                _check(rknn.init_runtime(), "init_runtime (simulator)", log)
-                t0 = time.monotonic()
-                outputs = []
-                for tile in holdout_tiles:
-                    kwargs = {"data_format": [layout.rknn_data_format]} if layout.rknn_data_format else {}
-                    result = rknn.inference(inputs=[layout.rknn_input(tile)], **kwargs)
-                    if result is None:
-                        raise VisionBuildError("rknn-toolkit2 simulator inference failed", hint=f"see {log}")
-                    outputs.append(np.asarray(result[0], np.float32).reshape(reference.shape[1:]))
-                sim_s = (time.monotonic() - t0) / len(holdout_tiles)
+                report["accuracy_analysis"] = _accuracy_analysis(rknn, layout, holdout_tiles[:1],
+                                                                 files.rknn.with_suffix(""), Path(tmp), log, progress)
+            outputs, sim_s = _simulate(rknn, layout, holdout_tiles, reference.shape[1:], log, progress)
         finally:
             if rknn is not None:
                 with toolkit_output(log, "release"):
                     rknn.release()
 
-    accuracy = agreement(np.stack(outputs), reference)
-    accuracy.update(threshold=options.threshold, passed=accuracy["cosine_min"] >= options.threshold,
-                    simulator_s_per_tile=round(sim_s, 2))
-    report["accuracy"] = accuracy
-    acc_json.write_text(json.dumps({k: report[k] for k in report if k != "ops"}, indent=2) + "\n")
-
-    ops = parse_op_table(log.read_bytes()[:build_log_bytes].decode(errors="replace"))
-    summary = summarize_ops(ops)
-    ops_json.write_text(json.dumps({**summary, "ops": ops}, indent=2) + "\n")
-    report["ops"] = summary
+    report["accuracy"] = _judge(outputs, reference, sim_s, options.threshold)
+    files.accuracy.write_text(json.dumps(report, indent=2) + "\n")
+    report["ops"] = summary = _op_summary(files, build_log_bytes)
+    accuracy = report["accuracy"]
     progress.say(
-        f"{rknn_path.name}: cosine min {accuracy['cosine_min']:.5f} / mean {accuracy['cosine_mean']:.5f}, "
+        f"{files.rknn.name}: cosine min {accuracy['cosine_min']:.5f} / mean {accuracy['cosine_mean']:.5f}, "
         f"max abs err {accuracy['max_abs_err']:.4g}; est. {summary['est_cycles_per_tile'] / 1e6:.1f} M cycles/tile, "
         f"{len(summary['cpu_ops'])} CPU ops"
     )
     if not accuracy["passed"]:
         raise VisionAccuracyError(
-            f"{rknn_path.name} ({options.dtype}): simulator cosine min {accuracy['cosine_min']:.5f} on "
+            f"{files.rknn.name} ({options.dtype}): simulator cosine min {accuracy['cosine_min']:.5f} on "
             f"{accuracy['tiles']} held-out tiles is below the threshold {options.threshold}",
-            hint=f"details in {acc_json}; for int8 try --hybrid proposal/auto, --fp16-tensor, "
-                 "--algorithm kl_divergence, or --accuracy-analysis to see which layers lose precision",
+            hint=f"details in {files.accuracy}; for int8 try a hybrid mode (proposal/auto), float16 tensors, the "
+                 "kl_divergence algorithm, or the per-layer accuracy analysis to see which layers lose precision "
+                 "(the build flags in --help)",
         )
     return report
 
@@ -549,36 +597,57 @@ def convert_vision(
     return report
 
 
-def options_from_args(args: argparse.Namespace) -> BuildOptions:
-    return BuildOptions(
-        dtype=args.dtype,
-        quant=QuantOptions(algorithm=args.algorithm, method=args.quant_method, hybrid=args.hybrid,
-                           fp16_tensors=tuple(args.fp16_tensor), float_outputs=not args.int8_outputs,
-                           auto_hybrid_cos_thresh=args.auto_hybrid_cos_thresh),
-        min_cosine=args.min_cosine,
-        accuracy_analysis=args.accuracy_analysis,
+def add_build_arguments(parser: Any, prefix: str = "") -> None:
+    """The vision build's flags, defined once: this CLI and scripts/bench_vision.py add them as they are
+    (--dtype, --layout, ...), host.convert with prefix 'vision-' (--vision-dtype, --vision-layout, ...).
+    `parser` is a parser or an argument group; the defaults are BuildOptions' and QuantOptions'."""
+    build, quant = BuildOptions(), QuantOptions()
+
+    def add(flag: str, **kwargs: Any) -> None:
+        parser.add_argument(f"--{prefix}{flag}", **kwargs)
+
+    add("layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT,
+        help="how the board hands a tile to the NPU: 'patches' (its patch rows into a MatMul, the normalization "
+             "folded into the weights) or 'conv' (the tile into transformers' patch Conv, as Rockchip's demo); "
+             "recorded in the manifest (docs/vision_variants.md)")
+    add("dtype", choices=tuple(DEFAULT_MIN_COSINE), default=build.dtype,
+        help="float16, or int8 (w8a8) calibrated on tiles of the calibration images")
+    add("algorithm", choices=QUANTIZED_ALGORITHMS, default=quant.algorithm,
+        help="int8 calibration algorithm (mmse is very slow: ~22 min for SigLIP-B on 2 cores)")
+    add("quant-method", choices=QUANTIZED_METHODS, default=quant.method,
+        help="int8 weight scales per output channel or per layer")
+    add("hybrid", choices=HYBRID_MODES, default=quant.hybrid,
+        help="int8: keep sensitive layers in float16: 'proposal' (the toolkit's proposal, float outputs kept) "
+             "or 'auto' (the toolkit's auto_hybrid build; outputs stay int8)")
+    add("fp16-tensor", action="append", default=list(quant.fp16_tensors), metavar="NAME",
+        help="int8: a tensor to keep in float16 (names from the toolkit's .quantization.cfg); repeatable")
+    add("int8-outputs", action="store_true", default=not quant.float_outputs,
+        help="int8 model outputs int8 (the runtime dequantizes): the plain, faster build path")
+    add("auto-hybrid-cos-thresh", type=float, default=quant.auto_hybrid_cos_thresh,
+        help=f"with --{prefix}hybrid auto: the toolkit keeps layers below this cosine in float16")
+    add("min-cosine", type=float, default=build.min_cosine,
+        help="fail when the simulator's cosine vs PyTorch on held-out tiles is below this (default "
+             + ", ".join(f"{v} {k}" for k, v in DEFAULT_MIN_COSINE.items()) + ")")
+    add("accuracy-analysis", action="store_true", default=build.accuracy_analysis,
+        help="also run rknn-toolkit2's per-layer accuracy_analysis (slow, GBs of temp files)")
+
+
+def options_from_args(args: argparse.Namespace, prefix: str = "") -> BuildOptions:
+    """The validated BuildOptions from the flags of add_build_arguments (same prefix); the layout is
+    args.<prefix>layout, a property of the exported graph rather than of the build."""
+    def get(flag: str) -> Any:
+        return getattr(args, (prefix + flag).replace("-", "_"))
+
+    options = BuildOptions(
+        dtype=get("dtype"),
+        quant=QuantOptions(algorithm=get("algorithm"), method=get("quant-method"), hybrid=get("hybrid"),
+                           fp16_tensors=tuple(get("fp16-tensor")), float_outputs=not get("int8-outputs"),
+                           auto_hybrid_cos_thresh=get("auto-hybrid-cos-thresh")),
+        min_cosine=get("min-cosine"),
+        accuracy_analysis=get("accuracy-analysis"),
     )
-
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """The build knobs, shared by this CLI and scripts/bench_vision.py."""
-    parser.add_argument("--dtype", choices=tuple(DEFAULT_MIN_COSINE), default="fp16")
-    parser.add_argument("--algorithm", choices=QUANTIZED_ALGORITHMS, default="normal",
-                        help="int8 calibration algorithm (mmse is very slow: ~22 min for SigLIP-B on 2 cores)")
-    parser.add_argument("--quant-method", choices=QUANTIZED_METHODS, default="channel",
-                        help="int8 weight scales per output channel or per layer")
-    parser.add_argument("--hybrid", choices=HYBRID_MODES, default="off",
-                        help="keep sensitive layers in float16: 'proposal' (toolkit's proposal, float outputs kept) "
-                             "or 'auto' (toolkit's auto_hybrid build; outputs stay int8)")
-    parser.add_argument("--fp16-tensor", action="append", default=[], metavar="NAME",
-                        help="tensor (from the toolkit's .quantization.cfg) to keep in float16; repeatable")
-    parser.add_argument("--int8-outputs", action="store_true",
-                        help="int8 model outputs int8 (the runtime dequantizes): the plain, faster build path")
-    parser.add_argument("--auto-hybrid-cos-thresh", type=float, default=0.98)
-    parser.add_argument("--min-cosine", type=float, default=None,
-                        help=f"fail below this simulator cosine (default {DEFAULT_MIN_COSINE})")
-    parser.add_argument("--accuracy-analysis", action="store_true",
-                        help="also run rknn-toolkit2's per-layer accuracy_analysis (slow, GBs of temp files)")
+    options.validate()
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -589,8 +658,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert a SmolVLM vision tower + connector to RKNN for the RK3588.")
     parser.add_argument("--model", required=True, help="Hugging Face id or checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder (vision.onnx, vision.rknn, its JSON reports and log)")
-    parser.add_argument("--layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT,
-                        help="how a tile enters the vision graph (docs/vision_variants.md)")
     parser.add_argument("--calibration", nargs="+", help="calibration images or folders (default: the shipped set)")
     parser.add_argument("--holdout", nargs="+", help="held-out images or folders (default: the shipped set)")
     parser.add_argument("--calibration-per-image", type=int, default=2)
@@ -599,7 +666,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         options = options_from_args(args)
-        options.validate()
         require_rknn_toolkit()
         checkpoint = load_checkpoint(args.model)
         settings = SplitSettings.from_preprocessor(checkpoint.preprocessor)

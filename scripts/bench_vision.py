@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from board.errors import SmolVLMError  # noqa: E402
 from board.tiles import SplitSettings  # noqa: E402
 from host.tiny_model import FAMILIES  # noqa: E402
-from host.vision_export import DEFAULT_LAYOUT, LAYOUTS, REFERENCE_FORMS, GraphForms  # noqa: E402
+from host.vision_export import REFERENCE_FORMS, GraphForms  # noqa: E402
 from host.vision_rknn import (  # noqa: E402
     EST_IMAGE_FORMULA,
     BuildOptions,
@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=tuple(FULL_SIZE), default="256m")
     parser.add_argument("--model", help="Hugging Face id or checkpoint folder: real weights instead of random ones")
-    parser.add_argument("--layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT)
     parser.add_argument("--out", help="keep the ONNX/RKNN/reports here (default: a temp dir, removed); "
                                       "the baseline goes to its baseline/ subfolder")
     parser.add_argument("--holdout-tiles", type=int, default=8)
@@ -114,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     try:
         options = options_from_args(args)
-        options.validate()
         with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp:
             out = Path(args.out or tmp)
             report, weights = build(args, args.layout, GraphForms(), options, str(out), args.holdout_tiles)

@@ -156,6 +156,29 @@ def test_help_and_exclusive_sources(capsys):
     assert info.value.code == 2
 
 
+def test_vision_flags_are_the_build_flags_with_a_prefix():
+    """host.convert's --vision-* flags are host.vision_rknn's, defined once: the same defaults
+    (BuildOptions') and the same options from the same choices."""
+    import argparse
+
+    from host.vision_export import DEFAULT_LAYOUT
+    from host.vision_rknn import BuildOptions, add_build_arguments, options_from_args
+
+    own = argparse.ArgumentParser()
+    add_build_arguments(own)
+    defaults = convert.build_parser().parse_args(["--out", "x"])
+    assert convert.vision_options(defaults) == options_from_args(own.parse_args([])) == BuildOptions()
+    assert defaults.vision_layout == own.parse_args([]).layout == DEFAULT_LAYOUT
+    flags = ["--layout", "conv", "--dtype", "int8", "--algorithm", "kl_divergence", "--quant-method", "layer",
+             "--hybrid", "proposal", "--fp16-tensor", "a", "--fp16-tensor", "b", "--int8-outputs",
+             "--auto-hybrid-cos-thresh", "0.9", "--min-cosine", "0.5", "--accuracy-analysis"]
+    chosen = convert.build_parser().parse_args(["--out", "x", *(f.replace("--", "--vision-") for f in flags)])
+    options = options_from_args(own.parse_args(flags))
+    assert convert.vision_options(chosen) == options != BuildOptions()
+    assert options.quant.fp16_tensors == ("a", "b") and not options.quant.float_outputs and options.accuracy_analysis
+    assert chosen.vision_layout == "conv"
+
+
 def test_self_check_refuses_a_bundle_that_does_not_reproduce_the_reference(first_run, tmp_path):
     """A prompt format that renders differently from the checkpoint's template must fail loudly."""
     import argparse

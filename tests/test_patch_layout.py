@@ -99,6 +99,36 @@ def test_host_layout_inputs_are_the_board_feeds():
         get_layout("patches")
 
 
+def test_every_board_layout_has_its_export_and_back(monkeypatch):
+    """board.vision.LAYOUTS is the one definition of a layout: host's export layouts extend it under the
+    same names and take its input shape; a layout on one side only, or an export that does not extend
+    the board's, is refused."""
+    from board import vision as board_vision
+    from host import vision_export
+    from host.vision_export import ConvLayout, InputLayout, PatchLayout, VisionGeometry, export_layouts
+
+    assert set(vision_export.LAYOUTS) == set(board_vision.LAYOUTS) == {"conv", "patches"}
+    geometry = VisionGeometry(tile=28, patch=14, scale_factor=2, vision_hidden=8, text_hidden=8)
+    for kind, layout in vision_export.LAYOUTS.items():
+        assert issubclass(layout, board_vision.LAYOUTS[kind])
+        bound = get_layout(kind, geometry.patch)
+        feed = tile_feed(bound.manifest_name)  # what the board makes of the manifest's vision.layout
+        assert type(feed) is board_vision.LAYOUTS[kind] and feed.name == bound.manifest_name
+        assert bound.onnx_input_shape(geometry) == feed.input_shape(geometry.tile)
+    assert get_layout("patches", 14).onnx_input_shape(geometry) == (1, 4, 592)
+
+    class GridFeed(board_vision.TileFeed):
+        kind = "grid"
+
+    with pytest.raises(TypeError, match="export layout 'grid' has no board layout"):
+        export_layouts(ConvLayout, PatchLayout, type("GridLayout", (InputLayout,), {"kind": "grid"}))
+    with pytest.raises(TypeError, match="does not extend board.vision.PatchFeed"):
+        export_layouts(ConvLayout, type("Impostor", (InputLayout,), {"kind": "patches"}))
+    monkeypatch.setitem(board_vision.LAYOUTS, "grid", GridFeed)
+    with pytest.raises(TypeError, match="board layout 'grid' has no export layout"):
+        export_layouts(ConvLayout, PatchLayout)
+
+
 # -- against the reference ----------------------------------------------------------------------
 
 

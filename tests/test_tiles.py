@@ -76,6 +76,23 @@ def test_normalized_matches_reference_formula():
     assert out.dtype == np.float32 and np.abs(out - expected).max() < 1e-5
 
 
+def test_normalization_is_the_reference_processors_in_every_form():
+    """board.tiles.normalization is the reference's rescale + normalize, applied (normalize_tiles) and
+    as its affine (scale, offset), on every uint8 value with a non-default mean/std."""
+    from board.tiles import normalization, normalize_tiles
+
+    s = SplitSettings(longest_edge=512, tile=16, image_mean=(0.48, 0.45, 0.40), image_std=(0.26, 0.26, 0.27))
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    chw = values[0].transpose(2, 0, 1).astype(np.float32)
+    processor = Idefics3ImageProcessorPil()
+    expected = processor.normalize(processor.rescale(chw, s.rescale_factor), s.image_mean, s.image_std)
+    assert np.abs(expected).max() > 2  # not the default 0.5/0.5 scale
+    np.testing.assert_allclose(normalize_tiles(values, s)[0], expected, atol=1e-6, rtol=0)
+    scale, offset = normalization(s)
+    assert scale.shape == offset.shape == (3,)
+    np.testing.assert_allclose(chw * scale[:, None, None] + offset[:, None, None], expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [

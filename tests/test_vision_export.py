@@ -117,6 +117,34 @@ def test_conv_layout_inputs():
         get_layout("nope")
 
 
+def test_baked_and_folded_normalization_agree_with_the_board(tiny):
+    """The other two forms of board.tiles.normalization, on a non-default mean/std: the mean/std values
+    the conv layout's RKNN build bakes in ((v - mean) / std on the 0..255 input), and the patch
+    layout's weights folded from it (raw patch rows @ W + B == the Conv on normalized pixels)."""
+    from dataclasses import replace
+
+    from host.vision_modules import ConvPatchEmbedding, FoldedPatchEmbedding
+    from host.vision_rknn import rknn_norm_values
+
+    _, _, tower, settings = tiny
+    settings = replace(settings, image_mean=(0.48, 0.45, 0.40), image_std=(0.26, 0.26, 0.27))
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    mean, std = (np.asarray(v[0]).reshape(1, 3, 1, 1) for v in rknn_norm_values(settings))
+    baked = (values.transpose(0, 3, 1, 2).astype(np.float64) - mean) / std
+    np.testing.assert_allclose(baked, normalize_tiles(values, settings), atol=1e-6, rtol=0)
+
+    geometry = tower.geometry
+    layout = get_layout("patches", geometry.patch)
+    embeddings = tower.vision_model.embeddings
+    tiles = _random_tiles(2, geometry.tile, seed=5)
+    with torch.no_grad():
+        folded = FoldedPatchEmbedding(embeddings, settings, layout.row_length)(
+            torch.from_numpy(layout.onnx_input(tiles, settings)))
+        conv = ConvPatchEmbedding(embeddings)(torch.from_numpy(normalize_tiles(tiles, settings)))
+    assert float(conv.abs().max()) > 0.1
+    np.testing.assert_allclose(folded.numpy(), conv.numpy(), atol=1e-4, rtol=0)
+
+
 def test_export_refuses_opsets_the_toolkit_rejects(tiny, tmp_path):
     with pytest.raises(ValueError, match="opset"):
         export_onnx(tiny[2], tmp_path / "x.onnx", opset=20)
