@@ -122,7 +122,7 @@ def _capture(fn, argv):
 
 
 @pytest.mark.parametrize("case", ["missing-bundle", "not-an-image", "missing-image", "prompt-too-long",
-                                  "no-question", "not-a-board"])
+                                  "no-question", "no-tiles", "not-a-board"])
 def test_errors_are_one_plain_message(case, bundle, images, tmp_path, capsys):
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("this is not a picture")
@@ -134,6 +134,7 @@ def test_errors_are_one_plain_message(case, bundle, images, tmp_path, capsys):
         "prompt-too-long": ([*base, *["--image", str(images["wide"])] * 5, "hi"],
                             "tokens but the model's context holds 4095", 1),
         "no-question": ([*base], "give a question", 2),
+        "no-tiles": ([*base, "--max-tiles", "0", "hi"], "--max-tiles: the tile budget must be at least 1", 2),
         # without --emulate on x86 the board checks speak first (a bundle without decoder.rkllm: test_bundle)
         "not-a-board": (["--bundle", str(bundle), "hi"], "this machine cannot run the model: cpu:", 1),
     }[case]
