@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script (python board/bench.py): board/_script_path.py fixes sys.path
-    import _script_path  # noqa: F401
+    import runpy
+
+    runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
 import numpy as np  # noqa: E402
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 if __package__ in (None, ""):  # run as a script (python board/run.py): board/_script_path.py fixes sys.path
-    import _script_path  # noqa: F401
+    import runpy
+
+    runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
 from board.decoder import DEFAULT_TOP_K, SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402

@@ -43,7 +43,9 @@ from typing import Any, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 if __package__ in (None, ""):  # run as a script (python board/serve.py): board/_script_path.py fixes sys.path
-    import _script_path  # noqa: F401
+    import runpy
+
+    runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
 from board.decoder import SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
