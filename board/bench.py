@@ -34,17 +34,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: import the package from the folder above board/
-    _board_dir = Path(__file__).resolve().parent
-    if sys.path and Path(sys.path[0] or ".").resolve() == _board_dir:
-        sys.path.pop(0)
-    sys.path.insert(0, str(_board_dir.parent))
+if __package__ in (None, ""):  # run as a script (python board/bench.py): board/_script_path.py fixes sys.path
+    import runpy
+
+    runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
 import numpy as np  # noqa: E402
 
 from board import __version__  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
-from board.system_checks import SystemPaths, parse_version  # noqa: E402
+from board.system_checks import SystemPaths, package_version, parse_version, read_npu_driver_version  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
 SCHEMA = "smolvlm-rk3588-bench/1"
@@ -120,25 +119,11 @@ def budget_entry(budgets: dict[str, Any], bundle: Any) -> Optional[dict[str, Any
 # -- versions and clocks ----------------------------------------------------------------------
 
 
-def _package_version(name: str) -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def npu_driver_version(paths: SystemPaths = SystemPaths()) -> Optional[str]:
-    """The rknpu driver version (debugfs needs root; /sys/module/rknpu/version does not), or None."""
-    for source in (paths.npu_debugfs_version, paths.npu_module_version):
-        try:
-            version = parse_version(source.read_text(errors="replace"))
-        except OSError:
-            continue
-        if version:
-            return ".".join(map(str, version))
-    return None
+    """The rknpu driver version as the board checks read it (board.system_checks), or None."""
+    text, _ = read_npu_driver_version(paths)
+    version = parse_version(text) if text else None
+    return ".".join(map(str, version)) if version else None
 
 
 def rknn_sdk_version(rknn_path: Path) -> Optional[str]:
@@ -163,10 +148,10 @@ def versions(bundle: Any, emulate: bool) -> dict[str, Any]:
     from board.rkllm_h import RKLLM_VERSION, find_library
 
     out: dict[str, Any] = {"board": __version__, "npu_driver": None, "librkllmrt": None, "librknnrt": None,
-                           "rknn_toolkit_lite2": _package_version("rknn-toolkit-lite2"),
+                           "rknn_toolkit_lite2": package_version("rknn-toolkit-lite2"),
                            "onnxruntime": None, "torch": None, "bundle_toolkits": bundle.manifest.get("toolkits", {})}
     if emulate:
-        out["onnxruntime"], out["torch"] = _package_version("onnxruntime"), _package_version("torch")
+        out["onnxruntime"], out["torch"] = package_version("onnxruntime"), package_version("torch")
         return out
     out["npu_driver"] = npu_driver_version()
     library, _ = find_library([bundle.root])
@@ -216,17 +201,6 @@ def text_ids(pipeline: Any, n: int = TEXT_TOKENS) -> np.ndarray:
     return np.asarray(ids[:n], dtype=np.int64)
 
 
-def _open_encoder(bundle: Any, mode: str, emulate: bool) -> Any:
-    from board.bundle import VISION_ONNX, VISION_RKNN
-    from board.vision import OnnxVisionEncoder, RKNNVisionEncoder
-
-    common = dict(tokens_per_tile=bundle.prompt_format.image_seq_len, hidden_size=bundle.hidden_size,
-                  layout=bundle.vision_layout)
-    if emulate:  # no NPU cores on x86: every mode is the same ONNX Runtime session
-        return OnnxVisionEncoder(bundle.path(VISION_ONNX), settings=bundle.split_settings, **common)
-    return RKNNVisionEncoder(bundle.path(VISION_RKNN), tile=bundle.split_settings.tile, cores=mode, **common)
-
-
 def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, warmup: int = 1,
               image: Optional[str | Path] = None, prompt: str = DEFAULT_PROMPT, new_tokens: int = DEFAULT_NEW_TOKENS,
               npu_cores: str = "parallel", verify: bool = True,
@@ -234,7 +208,7 @@ def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, w
     """Run the workload (module docstring) and return the bench JSON object."""
     from board.decoder import GenerationResult, SamplingParams
     from board.image_io import load_image, read_bytes
-    from board.pipeline import Pipeline, peak_rss_mb
+    from board.pipeline import Pipeline, open_vision_encoder, peak_rss_mb
     from board.sequence import embed_tokens
     from board.tiles import split_image
 
@@ -278,7 +252,8 @@ def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, w
     per_mode: dict[str, dict[str, float]] = {}
     for mode in NPU_CORE_MODES:
         log(f"vision mode '{mode}': {len(tiles)} tiles x {runs} runs")
-        with _open_encoder(bundle, mode, emulate) as encoder:
+        # the pipeline checked the files when it loaded; with --emulate every mode is the same ONNX session
+        with open_vision_encoder(bundle, emulate=emulate, npu_cores=mode, verify=False) as encoder:
             encoder.encode(tiles[:1])  # warm-up: first-run allocations stay out of the figure
             values = []
             for _ in range(runs):

@@ -20,6 +20,10 @@ import numpy as np
 
 from .errors import InputError, PromptError
 
+# top-k when a caller turns sampling on (temperature > 0 or top_p < 1) and names no top_k: the CLI's
+# and the server's default alike
+DEFAULT_TOP_K = 40
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -104,11 +108,13 @@ class Decoder(Protocol):
 
     hidden_size: int
     max_context: int
+    sampling: SamplingParams  # what generate() uses when it is given none
 
     def generate(
-        self, embeddings: np.ndarray, *, sampling: SamplingParams = SamplingParams(), keep_history: bool = False
+        self, embeddings: np.ndarray, *, sampling: Optional[SamplingParams] = None, keep_history: bool = False
     ) -> Iterator[GenerationStep]:
-        """Feed `embeddings` ([n_tokens, hidden] float32) and stream the continuation."""
+        """Feed `embeddings` ([n_tokens, hidden] float32) and stream the continuation, sampled with
+        `sampling` or, when None, the decoder's own (`chosen_sampling` decides)."""
         ...
 
     def abort(self) -> None:
@@ -122,6 +128,11 @@ class Decoder(Protocol):
     def close(self) -> None:
         """Release the model; safe to call twice."""
         ...
+
+
+def chosen_sampling(sampling: Optional[SamplingParams], default: SamplingParams) -> SamplingParams:
+    """The sampling a generate() call runs with: the call's, else the decoder's default, checked."""
+    return (sampling if sampling is not None else default).checked()
 
 
 def checked_embeddings(embeddings: np.ndarray, hidden_size: int, cached: int, max_context: int) -> np.ndarray:

@@ -26,13 +26,14 @@ import os
 import queue
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import rkllm_h as C
-from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings
+from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings, chosen_sampling
 from .errors import BundleError, DecoderError, InputError
 
 # The RK3588's Cortex-A76 cores, which Rockchip's own demos give the runtime.
@@ -77,6 +78,49 @@ def _complete_utf8_prefix(data: bytes) -> int:
     return len(data)
 
 
+# What one run reports to the generator reading its queue: the result callback's events, then _Done
+# from the worker thread once rkllm_run has returned.
+
+
+@dataclass(frozen=True)
+class _Token:
+    """RKLLM_RUN_NORMAL / RKLLM_RUN_WAITING: a piece of text (bytes, maybe part of a character)."""
+
+    text: bytes
+    token_id: int  # -1 when the runtime gave none
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """RKLLM_RUN_FINISH, with the runtime's perf figures."""
+
+    stats: DecodeStats
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Something went wrong in the run: RKLLM_RUN_ERROR, or a state this binding does not know."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class _CallbackFailed:
+    """The result callback raised (kept, not formatted: the callback must not fail again in C)."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class _Done:
+    """rkllm_run returned this code, or could not be called (the exception)."""
+
+    outcome: Union[int, BaseException]
+
+
+_Event = Union[_Token, _Finish, _Problem, _CallbackFailed, _Done]
+
+
 class _Channel:
     """Where the C callback sends events: the queue of the current run, or nowhere between runs.
 
@@ -84,7 +128,7 @@ class _Channel:
     decoder can be collected and closed)."""
 
     def __init__(self) -> None:
-        self.queue: Optional["queue.SimpleQueue[Tuple[Any, ...]]"] = None
+        self.queue: Optional["queue.SimpleQueue[_Event]"] = None
 
 
 def _make_result_callback(channel: _Channel) -> Any:
@@ -95,20 +139,20 @@ def _make_result_callback(channel: _Channel) -> Any:
         try:
             if state in (C.LLMCallState.RKLLM_RUN_NORMAL, C.LLMCallState.RKLLM_RUN_WAITING):
                 r = result.contents if result else None
-                q.put(("token", (r.text or b"") if r else b"", r.token_id if r else -1))
+                q.put(_Token((r.text or b"") if r else b"", r.token_id if r else -1))
             elif state == C.LLMCallState.RKLLM_RUN_FINISH:
                 perf = result.contents.perf if result else C.RKLLMPerfStat()
-                q.put(("finish", DecodeStats(
+                q.put(_Finish(DecodeStats(
                     prefill_tokens=perf.prefill_tokens, prefill_ms=perf.prefill_time_ms,
                     generate_tokens=perf.generate_tokens, generate_ms=perf.generate_time_ms,
                     memory_mb=perf.memory_usage_mb,
                 )))
             elif state == C.LLMCallState.RKLLM_RUN_ERROR:
-                q.put(("error",))
+                q.put(_Problem("the runtime reported RKLLM_RUN_ERROR"))
             else:
-                q.put(("unknown_state", state))
+                q.put(_Problem(f"the result callback got an unknown LLMCallState {state} (not a 1.3.0 runtime?)"))
         except BaseException as err:  # noqa: BLE001 - nothing may propagate into C
-            q.put(("callback_failed", err))
+            q.put(_CallbackFailed(err))
         return 0
 
     return C.LLMResultCallback(on_result)
@@ -130,7 +174,7 @@ class _Run:
         self.input.input_type = C.RKLLMInputType.RKLLM_INPUT_EMBED
         self.input.embed_input.embed = embeddings.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         self.input.embed_input.n_tokens = embeddings.shape[0]
-        self.queue: "queue.SimpleQueue[Tuple[Any, ...]]" = queue.SimpleQueue()
+        self.queue: "queue.SimpleQueue[_Event]" = queue.SimpleQueue()
 
 
 class RKLLMDecoder:
@@ -219,7 +263,7 @@ class RKLLMDecoder:
         Everything that can be checked without the runtime is checked here, before the iterator
         exists: the shape (width = hidden_size), finite values, and room in the context.
         """
-        sampling = (sampling if sampling is not None else self.sampling).checked()
+        sampling = chosen_sampling(sampling, self.sampling)
         if sampling.seed is not None and not sampling.greedy:
             warnings.warn("librkllmrt has no sampling seed; this sampled output is not reproducible", stacklevel=2)
         handle = self._require_open()
@@ -327,7 +371,7 @@ class RKLLMDecoder:
             outcome = err
         with self._lock:
             self._run_active = False
-        run.queue.put(("done", outcome))
+        run.queue.put(_Done(outcome))
 
     def _abort_and_wait(self) -> None:
         try:
@@ -350,23 +394,21 @@ class RKLLMDecoder:
                 event = run.queue.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
-            kind = event[0]
-            if kind == "token":
+            if isinstance(event, _Token):
                 if self._abort_requested.is_set():
                     self.abort()  # an abort that reached the runtime before the run started is lost: repeat it
                     continue
                 n_tokens += 1
-                yield GenerationStep(text=joiner.feed(event[1]), token_id=event[2] if event[2] >= 0 else None)
-            elif kind == "finish":
-                stats = event[1]
-            elif kind == "error":
-                problems.append("the runtime reported RKLLM_RUN_ERROR")
-            elif kind == "unknown_state":
-                problems.append(f"the result callback got an unknown LLMCallState {event[1]} (not a 1.3.0 runtime?)")
-            elif kind == "callback_failed":
-                problems.append(f"the result callback failed: {event[1]!r}")
-            elif kind == "done":
-                outcome = event[1]
+                yield GenerationStep(text=joiner.feed(event.text),
+                                     token_id=event.token_id if event.token_id >= 0 else None)
+            elif isinstance(event, _Finish):
+                stats = event.stats
+            elif isinstance(event, _Problem):
+                problems.append(event.message)
+            elif isinstance(event, _CallbackFailed):
+                problems.append(f"the result callback failed: {event.error!r}")
+            elif isinstance(event, _Done):
+                outcome = event.outcome
                 break
         self._worker = None
         tail = joiner.flush()

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings
+from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings, chosen_sampling
 from .errors import BundleError, DecoderError, RuntimeUnavailable
 
 
@@ -103,7 +103,7 @@ class TorchDecoder:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         if not self.eos_token_ids:
             raise BundleError("the bundle lists no end-of-turn token ids", hint="re-create the bundle with host.convert")
-        self.sampling = sampling
+        self.sampling = sampling.checked()
         self._tokenizer = tokenizer
         self._embed = self.model.get_input_embeddings()
         self._cache: Any = None
@@ -124,7 +124,7 @@ class TorchDecoder:
         self, embeddings: np.ndarray, *, sampling: Optional[SamplingParams] = None, keep_history: bool = False
     ) -> Iterator[GenerationStep]:
         """Feed `embeddings` ([n_tokens, hidden_size]) and stream the continuation (checks run here, eagerly)."""
-        sampling = (sampling if sampling is not None else self.sampling).checked()
+        sampling = chosen_sampling(sampling, self.sampling)
         if self._closed:
             raise DecoderError("the decoder is closed")
         if self._busy.locked():

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
-from .decoder import SamplingParams
+from .decoder import DEFAULT_TOP_K, SamplingParams
 from .errors import ImageError
 from .image_io import probe, read_bytes
+from .prompt import drop_leading_space
 
-DEFAULT_TOP_K = 40  # as the CLI (board/run.py): used when sampling is on and the request names no top_k
 MAX_STOP_STRINGS = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -251,7 +251,8 @@ def parse_chat_request(body: Any, *, default_sampling: SamplingParams, limits: L
 
 class AnswerText:
     """What the client sees of the streamed text: the leading space SmolVLM puts after 'Assistant:'
-    dropped (as board.pipeline.Chat records answers), and the text cut before the first stop string.
+    dropped (board.prompt.drop_leading_space, as Chat records answers), and the text cut before the
+    first stop string.
 
     Text that could be the start of a stop string is held back until it cannot be.
     """
@@ -267,7 +268,7 @@ class AnswerText:
             return ""
         if not self._started:
             self._started = True
-            piece = piece[1:] if piece.startswith(" ") else piece
+            piece = drop_leading_space(piece)
         text = self._held + piece
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:

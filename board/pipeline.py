@@ -27,7 +27,6 @@ does that). A single message too long for the context on its own is a PromptErro
 
 from __future__ import annotations
 
-import math
 import resource
 import threading
 import time
@@ -41,10 +40,10 @@ from .bundle import DECODER_HF, DECODER_RKLLM, VISION_ONNX, VISION_RKNN, Bundle
 from .decoder import Decoder, GenerationStep, SamplingParams
 from .errors import BundleError, DecoderError, InputError, PromptError
 from .image_io import image_from_array, load_image, read_bytes
-from .prompt import Prompt, build_prompt, expand_images, render_chat
+from .prompt import Prompt, build_prompt, drop_leading_space
 from .sequence import build_sequence, stack_rows
 from .system_checks import CheckResult, SystemPaths, require, run_checks
-from .tiles import SplitSettings, plan_tiles, split_image
+from .tiles import budget_settings, check_tile_budget, split_image
 from .vision import EncodedImage, OnnxVisionEncoder, RKNNVisionEncoder, VisionCache, VisionEncoder, image_key
 
 ImageInput = Union[str, Path, bytes, bytearray, memoryview, np.ndarray]
@@ -117,40 +116,55 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def budget_settings(settings: SplitSettings, height: int, width: int, max_tiles: Optional[int]) -> SplitSettings:
-    """The splitting settings that keep an image within `max_tiles` tiles (global view included).
+@dataclass
+class Turn:
+    """One request from its start: its clock, where its time goes, and notices for the user.
 
-    Fewer tiles means a smaller longest edge, as if the processor were given size.longest_edge =
-    k * tile (so the reference can still be run the same way); 1 means no splitting at all.
+    `Pipeline.begin_turn()` makes one (an abort requested from then on stops this turn) and
+    `Pipeline.reply()` streams its answer; a Chat fills it in between.
     """
-    if max_tiles is None:
-        return settings
-    if max_tiles < 1:
-        raise InputError(f"the tile budget must be at least 1 tile per image, got {max_tiles}")
-    if max_tiles == 1:
-        return settings.with_tile_budget(0)
-    if plan_tiles(height, width, settings).n_tiles <= max_tiles:
-        return settings
-    for per_side in range(math.ceil(settings.longest_edge / settings.tile) - 1, 0, -1):
-        smaller = settings.with_tile_budget(per_side)
-        if plan_tiles(height, width, smaller).n_tiles <= max_tiles:
-            return smaller
-    return settings.with_tile_budget(0)
+
+    started: float
+    timings: Timings
+    notices: list[str] = field(default_factory=list)
+
+
+def host_file(bundle: Bundle, rel: str, verify: bool) -> Path:
+    """A file of the bundle's host/ folder (what emulation runs), checksum-verified unless `verify` is off."""
+    if verify:
+        return bundle.verify_host_files(rel)
+    path = bundle.path(rel)
+    if not path.exists():
+        raise BundleError(f"the bundle has no {rel}; emulation needs the host/ folder that host.convert writes",
+                          hint="run --emulate on the machine that converted the bundle, or copy its host/ folder too")
+    return path
+
+
+def open_vision_encoder(bundle: Bundle, *, emulate: bool, npu_cores: str = "parallel",
+                        verify: bool = True) -> VisionEncoder:
+    """The bundle's vision encoder: vision.rknn in RKNNLite (`npu_cores` mode) on the board, or the
+    host/ ONNX model in ONNX Runtime with `emulate` (x86 has no NPU cores: the mode is ignored).
+    The Pipeline and board/bench.py (which measures every core mode) both open it here."""
+    kwargs = dict(tokens_per_tile=bundle.prompt_format.image_seq_len, hidden_size=bundle.hidden_size,
+                  layout=bundle.vision_layout)
+    if emulate:
+        return OnnxVisionEncoder(host_file(bundle, VISION_ONNX, verify), settings=bundle.split_settings, **kwargs)
+    return RKNNVisionEncoder(bundle.path(VISION_RKNN), tile=bundle.split_settings.tile, cores=npu_cores, **kwargs)
 
 
 class Reply:
     """A streamed answer: iterate for GenerationSteps (text pieces, then one with finish_reason);
     `answer` is set when the stream is done. Preparation (images, prompt) already happened."""
 
-    def __init__(self, pipeline: "Pipeline", steps: Iterator[GenerationStep], prompt: Prompt,
-                 timings: Timings, started: float, notices: list[str], on_done: Callable[[Optional[Answer]], None]):
+    def __init__(self, pipeline: "Pipeline", steps: Iterator[GenerationStep], prompt: Prompt, turn: Turn,
+                 on_done: Callable[[Optional[Answer]], None]):
         self._pipeline = pipeline
         self._steps = steps
-        self._timings = timings
-        self._started = started
+        self._timings = turn.timings
+        self._started = turn.started
         self._on_done = on_done
         self.prompt = prompt  # what this turn fed (after the decoder's history, if any)
-        self.notices = notices
+        self.notices = turn.notices
         self.answer: Optional[Answer] = None
         self._consumed = False
 
@@ -164,7 +178,7 @@ class Reply:
         timings = self._timings
         pipeline = self._pipeline
         try:
-            if pipeline._abort.is_set():
+            if pipeline.abort_requested:
                 finish = "abort"
                 yield GenerationStep(finish_reason="abort")
             else:
@@ -177,8 +191,8 @@ class Reply:
                     if step.finish_reason is not None:
                         finish, stats = step.finish_reason, step.stats
                     yield step
-                    if pipeline._abort.is_set() and step.finish_reason is None:
-                        pipeline.decoder.abort()  # repeated: an abort before the decoder started is lost
+                    if pipeline.abort_requested and step.finish_reason is None:
+                        pipeline.abort()  # repeated: an abort before the decoder started is lost
         except BaseException:
             self._on_done(None)
             raise
@@ -203,6 +217,11 @@ class Pipeline:
 
     One request at a time (the decoder holds one conversation); a server queues requests in front.
     `max_tiles` is the default tile budget per image (None: the checkpoint's full splitting).
+
+    A turn is `begin_turn()`, then the images (`encode_media`) and the prompt (`full_prompt` or
+    `continuation_prompt`), then `reply()`. The decoder's KV cache holds at most one conversation's
+    history: `reply(..., history=owner)` gives it to `owner` and `holds_history(owner)` says whether
+    it still has it, so a Chat knows when it may feed only its new turn.
     """
 
     def __init__(
@@ -230,9 +249,7 @@ class Pipeline:
             self.checks = run_checks(emulate=emulate, library_dirs=[root], paths=system_paths)
             require(self.checks)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify, need_decoder=not emulate)
-        if max_tiles is not None and max_tiles < 1:
-            raise InputError(f"the tile budget must be at least 1 tile per image, got {max_tiles}")
-        self.max_tiles = max_tiles
+        self.max_tiles = check_tile_budget(max_tiles)
         self.sampling = sampling
         self.format = self.bundle.prompt_format
         self.settings = self.bundle.split_settings
@@ -243,9 +260,10 @@ class Pipeline:
         self.max_context = self.bundle.max_context
         self.cache = VisionCache(cache_bytes)
         self._abort = threading.Event()
-        self._owner: Optional["Chat"] = None  # the chat whose history is in the decoder's cache
+        self._history_owner: Optional[object] = None  # whose conversation the decoder's cache holds
         try:
-            self.vision = vision if vision is not None else self._open_vision(verify, npu_cores)
+            self.vision = vision if vision is not None else open_vision_encoder(
+                self.bundle, emulate=emulate, npu_cores=npu_cores, verify=verify)
             self.decoder = decoder if decoder is not None else self._open_decoder(verify)
         except BaseException:
             self.close()
@@ -254,27 +272,11 @@ class Pipeline:
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def _host_path(self, rel: str, verify: bool) -> Path:
-        if verify:
-            return self.bundle.verify_host_files(rel)
-        path = self.bundle.path(rel)
-        if not path.exists():
-            raise BundleError(f"the bundle has no {rel}; emulation needs the host/ folder that host.convert writes",
-                              hint="run --emulate on the machine that converted the bundle, or copy its host/ folder too")
-        return path
-
-    def _open_vision(self, verify: bool, npu_cores: str) -> VisionEncoder:
-        kwargs = dict(tokens_per_tile=self.format.image_seq_len, hidden_size=self.bundle.hidden_size,
-                      layout=self.bundle.vision_layout)
-        if self.emulate:
-            return OnnxVisionEncoder(self._host_path(VISION_ONNX, verify), settings=self.settings, **kwargs)
-        return RKNNVisionEncoder(self.bundle.path(VISION_RKNN), tile=self.settings.tile, cores=npu_cores, **kwargs)
-
     def _open_decoder(self, verify: bool) -> Decoder:
         if self.emulate:
             from .decoder_torch import TorchDecoder
 
-            return TorchDecoder(self._host_path(DECODER_HF, verify), tokenizer=self.tokenizer,
+            return TorchDecoder(host_file(self.bundle, DECODER_HF, verify), tokenizer=self.tokenizer,
                                 eos_token_ids=sorted(self.eos_token_ids), max_context=self.max_context,
                                 hidden_size=self.bundle.hidden_size, sampling=self.sampling)
         from .decoder_rkllm import RKLLMDecoder
@@ -304,6 +306,11 @@ class Pipeline:
         self._abort.set()
         if self.decoder is not None:
             self.decoder.abort()
+
+    @property
+    def abort_requested(self) -> bool:
+        """Whether abort() was called since the current turn began."""
+        return self._abort.is_set()
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, for --json and logs."""
@@ -376,8 +383,8 @@ class Pipeline:
             raise DecoderError("the pipeline is closed")
         return self.vision.encode(tiles)
 
-    def _media(self, images: Sequence[ImageInput], video: Optional[Union[str, Path]], timings: Timings,
-               max_tiles: Optional[int]) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
+    def encode_media(self, images: Sequence[ImageInput], video: Optional[Union[str, Path]], timings: Timings,
+                     max_tiles: Optional[int] = None) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
         """Content items and encodings for a message's video (first) and images (then), in prompt order."""
         items: list[dict[str, Any]] = []
         encoded: list[EncodedImage] = []
@@ -390,75 +397,72 @@ class Pipeline:
 
     # -- prompts and turns --------------------------------------------------------------------------
 
-    def continuation_prompt(self, prefix: str, messages: Sequence[Message], plans: Sequence[Any]) -> Prompt:
-        """Token ids for turns appended to a conversation the decoder holds: `prefix` (the rest of the
+    def continuation_prompt(self, resume: str, messages: Sequence[Message], plans: Sequence[Any]) -> Prompt:
+        """Token ids for turns appended to a conversation the decoder holds: `resume` (the rest of the
         previous end-of-turn piece) + the turns rendered without the opening, tokenized as one text."""
-        fmt = self.format
-        text = expand_images(prefix + render_chat(messages, fmt, continuation=True), plans, fmt)
-        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-        positions = np.flatnonzero(ids == self.image_token_id)
-        expected = sum(p.n_tiles for p in plans) * fmt.image_seq_len
-        if positions.size != expected:
-            raise PromptError(f"the new turn holds {positions.size} image tokens but its images need {expected}; "
-                              "the tokenizer does not match the prompt format")
-        return Prompt(ids, positions, [p.n_tiles for p in plans], text)
+        return build_prompt(messages, plans, self.format, self.tokenizer, self.image_token_id, resume=resume)
 
     def full_prompt(self, messages: Sequence[Message], encoded: Sequence[EncodedImage]) -> Prompt:
         """Token ids of a whole conversation (opening included), refused if it cannot fit the context."""
         return build_prompt(messages, [e.plan for e in encoded], self.format, self.tokenizer, self.image_token_id,
                             max_tokens=self.max_context - 1)
 
-    def _reply(self, prompt: Prompt, encoded: Sequence[EncodedImage], *, keep_history: bool,
-               sampling: Optional[SamplingParams], timings: Timings, started: float, notices: list[str],
-               on_done: Callable[[Optional[Answer]], None]) -> Reply:
-        """Assemble the sequence (count check first) and hand the decoder a lazy start."""
+    def begin_turn(self) -> Turn:
+        """A new turn: a fresh abort flag (an abort requested from now on stops this turn) and timings."""
+        self._abort.clear()
+        return Turn(time.perf_counter(), Timings(load_ms=self.load_ms))
+
+    def holds_history(self, owner: object) -> bool:
+        """Whether the decoder's KV cache still holds `owner`'s conversation: its last turn went through
+        reply(history=owner) and no other turn has used the decoder since."""
+        return owner is not None and self._history_owner is owner
+
+    def reply(self, turn: Turn, prompt: Prompt, encoded: Sequence[EncodedImage], *,
+              sampling: Optional[SamplingParams] = None, history: Optional[object] = None, resume: bool = False,
+              on_done: Callable[[Optional[Answer]], None] = lambda answer: None) -> Reply:
+        """Assemble the sequence (count check first) and hand the decoder a lazy start.
+
+        `history=None`: a stateless call (the cache is cleared; whoever held it must re-feed).
+        `history=owner`: this turn stays in the cache as `owner`'s conversation, appended to what
+        it holds with `resume=True` (holds_history(owner) must be true), else on an empty cache.
+        `on_done` gets the Answer when the stream ends, or None when it failed.
+        """
         if self.decoder is None:
             raise DecoderError("the pipeline is closed")
+        if resume and not self.holds_history(history):
+            raise DecoderError("the decoder's cache no longer holds this conversation; feed it whole")
         t0 = time.perf_counter()
         sequence = build_sequence(prompt, self.table, stack_rows([e.rows for e in encoded], self.table.shape[1]))
-        timings.sequence_ms += (time.perf_counter() - t0) * 1e3
-        timings.prompt_tokens = len(prompt)
-        decoder, params = self.decoder, sampling or self.sampling
-        steps = decoder.generate(sequence, sampling=params, keep_history=keep_history)  # checks run now
-        return Reply(self, steps, prompt, timings, started, notices, on_done)
+        turn.timings.sequence_ms += (time.perf_counter() - t0) * 1e3
+        turn.timings.prompt_tokens = len(prompt)
+        if not resume:
+            self._history_owner = history
+            if history is not None:
+                self.decoder.reset()
+        steps = self.decoder.generate(sequence, sampling=sampling or self.sampling,
+                                      keep_history=history is not None)  # checks run now
+        return Reply(self, steps, prompt, turn, on_done)
 
     def generate(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
                  sampling: Optional[SamplingParams] = None, max_tiles: Optional[int] = None) -> Reply:
         """A whole conversation in one call (no state kept): `images` fill the image items in order."""
-        started, timings = self._begin()
-        encoded = [self.encode_image(image, timings, max_tiles) for image in images]
-        prompt = self.full_prompt(messages, encoded)
-        self._take_decoder(None)
-        return self._reply(prompt, encoded, keep_history=False, sampling=sampling, timings=timings,
-                           started=started, notices=[], on_done=lambda answer: None)
+        turn = self.begin_turn()
+        encoded = [self.encode_image(image, turn.timings, max_tiles) for image in images]
+        return self.reply(turn, self.full_prompt(messages, encoded), encoded, sampling=sampling)
 
     def ask(self, question: str, images: Sequence[ImageInput] = (), *, video: Optional[Union[str, Path]] = None,
             system: Optional[str] = None, sampling: Optional[SamplingParams] = None,
             max_tiles: Optional[int] = None) -> Reply:
         """One question about a video and/or images (placed before the text, as SmolVLM is prompted)."""
-        started, timings = self._begin()
-        items, encoded = self._media(images, video, timings, max_tiles)
+        turn = self.begin_turn()
+        items, encoded = self.encode_media(images, video, turn.timings, max_tiles)
         messages = _system_message(system) + [
             {"role": "user", "content": items + [{"type": "text", "text": question}]}]
-        prompt = self.full_prompt(messages, encoded)
-        self._take_decoder(None)
-        return self._reply(prompt, encoded, keep_history=False, sampling=sampling, timings=timings,
-                           started=started, notices=[], on_done=lambda answer: None)
+        return self.reply(turn, self.full_prompt(messages, encoded), encoded, sampling=sampling)
 
     def chat(self, system: Optional[str] = None) -> "Chat":
         """A multi-turn conversation that keeps the decoder's KV cache between turns."""
         return Chat(self, system)
-
-    def _begin(self) -> tuple[float, Timings]:
-        """A new turn: a fresh abort flag (an abort requested from now on stops this turn) and timings."""
-        self._abort.clear()
-        return time.perf_counter(), Timings(load_ms=self.load_ms)
-
-    def _take_decoder(self, owner: Optional["Chat"]) -> None:
-        """Give the decoder's cache to `owner` (None: a stateless call); the previous owner must re-feed."""
-        if self._owner is not None and self._owner is not owner:
-            self._owner._cache_valid = False
-        self._owner = owner
 
 
 def _system_message(system: Optional[str]) -> list[dict[str, Any]]:
@@ -466,7 +470,11 @@ def _system_message(system: Optional[str]) -> list[dict[str, Any]]:
 
 
 class Chat:
-    """A conversation: the re-templated messages, their images, and whether the decoder's cache holds them."""
+    """A conversation: the re-templated messages, their images, and how its next turn continues.
+
+    Uses only the Pipeline's public turn interface; whether the decoder's cache still holds this
+    conversation is the pipeline's to say (`holds_history`), how to continue it is the chat's.
+    """
 
     def __init__(self, pipeline: Pipeline, system: Optional[str] = None):
         self.pipeline = pipeline
@@ -481,7 +489,7 @@ class Chat:
         """Forget the conversation (the system message stays)."""
         self._messages: list[dict[str, Any]] = list(self._system)
         self._images: list[EncodedImage] = []
-        self._cache_valid = False
+        self._resumable = False  # the last turn ended so that the next may feed only itself
         self._history = 0  # rows the decoder's cache holds for this conversation
         self._resume = ""  # text that completes the last end-of-turn piece
 
@@ -492,11 +500,10 @@ class Chat:
         if on_overflow not in ("error", "reset"):
             raise InputError(f"on_overflow must be 'error' or 'reset', got {on_overflow!r}")
         p = self.pipeline
-        started, timings = p._begin()
-        items, encoded = p._media(images, video, timings, max_tiles)
+        turn = p.begin_turn()
+        items, encoded = p.encode_media(images, video, turn.timings, max_tiles)
         message = {"role": "user", "content": items + [{"type": "text", "text": text}]}
-        notices: list[str] = []
-        continuing = self._cache_valid and p._owner is self
+        continuing = self._resumable and p.holds_history(self)
         if continuing:
             prompt = p.continuation_prompt(self._resume, [message], [e.plan for e in encoded])
             fits = self._history + len(prompt) < p.max_context
@@ -513,43 +520,37 @@ class Chat:
                     f"the conversation no longer fits the model's context: {used} tokens, max_context is {p.max_context}",
                     hint="start a new conversation (/reset in --chat), or use fewer image tiles (--max-tiles)",
                 )
-            notices.append(f"the conversation no longer fits the model's context ({used} of {p.max_context} tokens); "
-                           "starting over with this message")
+            turn.notices.append(f"the conversation no longer fits the model's context ({used} of {p.max_context} "
+                                "tokens); starting over with this message")
             self.reset()
             continuing = False
             prompt = p.full_prompt(self._messages + [message], encoded)
         if not continuing:
-            p._take_decoder(self)
-            p.decoder.reset()
             self._history = 0
-            feed_images = self._images + encoded
-        else:
-            feed_images = encoded
-        timings.history_tokens = self._history
+        turn.timings.history_tokens = self._history
 
         def on_done(answer: Optional[Answer]) -> None:
             self._finish(message, encoded, len(prompt), answer)
 
-        self._cache_valid = False  # until this turn has finished cleanly
-        return p._reply(prompt, feed_images, keep_history=True, sampling=sampling, timings=timings,
-                        started=started, notices=notices, on_done=on_done)
+        self._resumable = False  # until this turn has finished cleanly
+        return p.reply(turn, prompt, encoded if continuing else self._images + encoded, sampling=sampling,
+                       history=self, resume=continuing, on_done=on_done)
 
     def _finish(self, message: dict[str, Any], encoded: list[EncodedImage], fed: int, answer: Optional[Answer]) -> None:
         """Record the turn and decide how the next one continues (see the module docstring)."""
         if answer is None:  # an exception: the turn did not happen, the cache is unknown
-            self._cache_valid = False
+            self._resumable = False
             return
         p = self.pipeline
-        reply_text = answer.text[1:] if answer.text.startswith(" ") else answer.text
-        self._messages += [message, {"role": "assistant", "content": reply_text}]
+        self._messages += [message, {"role": "assistant", "content": drop_leading_space(answer.text)}]
         self._images += encoded
         self._history += fed + len(answer.token_ids)
         end = p.format.end_of_turn
         last = answer.token_ids[-1] if answer.token_ids else None
-        self._cache_valid = False
+        self._resumable = False
         if answer.finish_reason == "stop" and last in p.eos_token_ids:
             eos_text = p.tokenizer.id_to_token(last) or ""
             if eos_text and end.startswith(eos_text):
-                self._resume, self._cache_valid = end[len(eos_text):], True
+                self._resume, self._resumable = end[len(eos_text):], True
         elif answer.finish_reason == "length":
-            self._resume, self._cache_valid = end, True
+            self._resume, self._resumable = end, True

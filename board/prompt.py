@@ -15,7 +15,7 @@ tokenized at once, as the reference does, so merges across pieces ("\\n\\n") com
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -69,13 +69,6 @@ def normalize_content(content: Union[str, Sequence[Mapping[str, Any]]]) -> list[
         if item["type"] not in ("text",) + _IMAGE_TYPES:
             raise PromptError(f"unsupported content type '{item['type']}' (text and image are supported)")
     return list(content)
-
-
-def count_images(messages: Iterable[Message]) -> int:
-    """Image placeholders in a conversation, in the order images must be given."""
-    return sum(
-        1 for m in messages for item in normalize_content(m.get("content", "")) if item["type"] in _IMAGE_TYPES
-    )
 
 
 def render_chat(
@@ -162,12 +155,17 @@ def build_prompt(
     image_token_id: int,
     *,
     add_generation_prompt: bool = True,
-    continuation: bool = False,
+    resume: Optional[str] = None,
     max_tokens: Optional[int] = None,
 ) -> Prompt:
-    """Messages + one tile plan per image -> Prompt; `tokenizer` is a `tokenizers.Tokenizer`."""
+    """Messages + one tile plan per image -> Prompt; `tokenizer` is a `tokenizers.Tokenizer`.
+
+    `resume` continues a conversation the decoder already holds: the text starts with `resume` (the
+    rest of the previous end-of-turn piece) instead of the opening, and no special tokens are added.
+    """
+    continuation = resume is not None
     rendered = render_chat(messages, fmt, add_generation_prompt=add_generation_prompt, continuation=continuation)
-    text = expand_images(rendered, plans, fmt)
+    text = expand_images((resume or "") + rendered, plans, fmt)
     ids = np.asarray(tokenizer.encode(text, add_special_tokens=not continuation).ids, dtype=np.int64)
     positions = np.flatnonzero(ids == image_token_id)
     expected = sum(p.n_tiles for p in plans) * fmt.image_seq_len
@@ -183,3 +181,13 @@ def build_prompt(
             hint="use fewer or smaller images (--max-tiles), a shorter text, or a bundle with a larger context",
         )
     return Prompt(ids, positions.astype(np.int64), [p.n_tiles for p in plans], text)
+
+
+def drop_leading_space(text: str) -> str:
+    """An answer as the conversation records it: without the one space SmolVLM writes first.
+
+    The generation prompt ends at 'Assistant:' and the model writes ' answer...', while the template
+    renders a recorded answer as 'Assistant: ' + text; so one leading space (only one) is the
+    model's, not the answer's. Chat history and the server's streamed text both drop it here.
+    """
+    return text[1:] if text.startswith(" ") else text

@@ -20,15 +20,15 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-if __package__ in (None, ""):  # run as a script: import the package from the folder above board/
-    _board_dir = Path(__file__).resolve().parent
-    if sys.path and Path(sys.path[0] or ".").resolve() == _board_dir:
-        sys.path.pop(0)  # board/ itself must not shadow top-level modules with its own (e.g. 'video')
-    sys.path.insert(0, str(_board_dir.parent))
+if __package__ in (None, ""):  # run as a script (python board/run.py): board/_script_path.py fixes sys.path
+    import runpy
 
-from board.decoder import SamplingParams  # noqa: E402
+    runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
+
+from board.decoder import DEFAULT_TOP_K, SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.system_checks import exit_status, run_checks  # noqa: E402
+from board.tiles import check_tile_budget  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -36,8 +36,6 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 class _UsageError(Exception):
     """Arguments that parse but do not make sense together; reported like argparse's own errors."""
-
-DEFAULT_SAMPLING_TOP_K = 40  # used when --temperature/--top-p turn sampling on without --top-k
 
 CHAT_HELP = """In --chat: /image PATH attaches an image to the next message, /video PATH a video,
 /reset starts a new conversation, /quit (or Ctrl-D) ends. Ctrl-C stops an answer; Ctrl-C again
@@ -55,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             on the bundle's host/ files. Board checks (NPU driver, runtimes) run first."""),
         epilog=textwrap.dedent(f"""\
             Greedy decoding is the default (reproducible answers). --temperature > 0 or --top-p < 1
-            turns sampling on (top-k {DEFAULT_SAMPLING_TOP_K} unless --top-k is given).
+            turns sampling on (top-k {DEFAULT_TOP_K} unless --top-k is given).
 
             Exit status: 0 done, {EXIT_ERROR} error, {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted.
 
@@ -100,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     sampling_wanted = (args.temperature or 0) > 0 or (args.top_p is not None and args.top_p < 1)
-    top_k = args.top_k if args.top_k is not None else (DEFAULT_SAMPLING_TOP_K if sampling_wanted else 1)
+    top_k = args.top_k if args.top_k is not None else (DEFAULT_TOP_K if sampling_wanted else 1)
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         top_k=top_k,
@@ -233,8 +231,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return exit_status(results)
         if args.max_new_tokens < 1:
             raise _UsageError("--max-new-tokens must be at least 1")
-        if args.max_tiles is not None and args.max_tiles < 1:
-            raise _UsageError("--max-tiles must be at least 1 (1 = no splitting)")
+        try:
+            check_tile_budget(args.max_tiles)
+        except InputError as err:
+            raise _UsageError(f"--max-tiles: {err}") from None
         if not args.chat and not args.question:
             raise _UsageError("give a question (or use --chat)")
         sampling = sampling_from_args(args)

@@ -42,11 +42,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
-if __package__ in (None, ""):  # run as a script: import the package from the folder above board/
-    _board_dir = Path(__file__).resolve().parent
-    if sys.path and Path(sys.path[0] or ".").resolve() == _board_dir:
-        sys.path.pop(0)
-    sys.path.insert(0, str(_board_dir.parent))
+if __package__ in (None, ""):  # run as a script (python board/serve.py): board/_script_path.py fixes sys.path
+    import runpy
+
+    runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
 from board.decoder import SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
@@ -63,6 +62,7 @@ from board.openai_schemas import (  # noqa: E402
     parse_chat_request,
     usage,
 )
+from board.tiles import check_tile_budget  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
 API_KEY_ENV = "SMOLVLM_API_KEY"
@@ -491,8 +491,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("max_images", "max_queue", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_tiles is not None and args.max_tiles < 1:
-        parser.error("--max-tiles must be at least 1")
+    try:
+        check_tile_budget(args.max_tiles)
+    except InputError as err:
+        parser.error(f"--max-tiles: {err}")
     if args.image_dir and not Path(args.image_dir).expanduser().is_dir():
         parser.error(f"--image-dir {args.image_dir} is not a folder")
     if args.emulate:

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -79,6 +80,30 @@ def parse_version(text: str) -> Optional[tuple[int, int, int]]:
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
+def package_version(name: str) -> Optional[str]:
+    """The installed version of a Python distribution (e.g. 'rknn-toolkit-lite2'), or None.
+    The board's bench and the host's bundle writer both record versions with it."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def read_npu_driver_version(paths: SystemPaths = SystemPaths()) -> tuple[Optional[str], bool]:
+    """The rknpu driver's version text from the first readable of debugfs (root only),
+    /proc/rknpu/version (drivers built with procfs) and /sys/module/rknpu/version (world-readable,
+    on kernels that export it), or None; and whether a file was there but not readable to us."""
+    denied = False
+    for source in (paths.npu_debugfs_version, paths.npu_procfs_version, paths.npu_module_version):
+        try:
+            return source.read_text(errors="replace").strip(), denied
+        except PermissionError:
+            denied = True
+        except OSError:
+            continue
+    return None, denied
+
+
 def check_soc(paths: SystemPaths = SystemPaths()) -> CheckResult:
     """The device tree names the SoC; the NPU models in a bundle are compiled for the RK3588 only."""
     name = "cpu"
@@ -108,11 +133,9 @@ def _debugfs_mounted(paths: SystemPaths) -> Optional[bool]:
 def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
     """The rknpu kernel driver's version: librkllmrt 1.3.0 needs >= 0.9.8.
 
-    The version is in debugfs, readable by root only; /proc/rknpu/version (drivers built with
-    procfs) and /sys/module/rknpu/version (world-readable, on kernels that export it) are read
-    when debugfs is not. It fails as missing only when debugfs could be searched and none of the
-    three exists; when they cannot be read it warns and says how to look, instead of refusing a
-    board that may be fine.
+    Read by read_npu_driver_version. It fails as missing only when debugfs could be searched and
+    none of the three files exists; when they cannot be read it warns and says how to look, instead
+    of refusing a board that may be fine.
     """
     name = "npu driver"
     need = ".".join(map(str, MIN_NPU_DRIVER))
@@ -120,19 +143,11 @@ def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
         f"update the board's kernel/OS image to one with rknpu driver >= {need} "
         "(Rockchip's 5.10/6.1 BSP kernels of 2024 or later; check your board vendor's images)"
     )
-    text, problem = None, None
-    for source in (paths.npu_debugfs_version, paths.npu_procfs_version, paths.npu_module_version):
-        try:
-            text = source.read_text(errors="replace").strip()
-            break
-        except PermissionError:
-            problem = problem or "permission"
-        except OSError:
-            continue
+    text, denied = read_npu_driver_version(paths)
     if text is None:
         how = f"run `sudo cat {paths.npu_debugfs_version}`"
         mounted = _debugfs_mounted(paths)
-        if problem == "permission":
+        if denied:
             why = f"{paths.npu_debugfs_version} is readable by root only"
         elif mounted is False:
             why = "debugfs is not mounted"

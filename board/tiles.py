@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
 MAX_IMAGE_SIDE = 4096
@@ -81,15 +81,16 @@ class SplitSettings:
             image_std=std if cfg.get("do_normalize", True) else (1.0, 1.0, 1.0),
         )
 
-    def with_tile_budget(self, max_tiles_per_side: Optional[int]) -> "SplitSettings":
-        """Fewer tiles on request: 0 = no splitting, n = longest edge n tiles (capped at the default)."""
+    def with_tiles_per_side(self, tiles_per_side: Optional[int]) -> "SplitSettings":
+        """A smaller grid: the longest edge at most `tiles_per_side` tiles (capped at the checkpoint's),
+        0 = no splitting, None = unchanged. A tile budget per image is chosen with budget_settings."""
         from dataclasses import replace
 
-        if max_tiles_per_side is None:
+        if tiles_per_side is None:
             return self
-        if max_tiles_per_side <= 0:
+        if tiles_per_side <= 0:
             return replace(self, do_image_splitting=False)
-        return replace(self, longest_edge=min(self.longest_edge, max_tiles_per_side * self.tile))
+        return replace(self, longest_edge=min(self.longest_edge, tiles_per_side * self.tile))
 
 
 def tokens_per_tile(tile: int, patch: int, scale_factor: int) -> int:
@@ -161,6 +162,35 @@ def plan_tiles(height: int, width: int, settings: SplitSettings) -> TilePlan:
     if padded[0] > settings.tile or padded[1] > settings.tile:
         rows, cols = padded[0] // settings.tile, padded[1] // settings.tile
     return TilePlan((height, width), resized, padded, rows, cols, settings.tile)
+
+
+def check_tile_budget(max_tiles: Optional[int]) -> Optional[int]:
+    """`max_tiles` if it is a tile budget per image: None (the checkpoint's full splitting) or at least
+    1 tile, the global view included (1 = no splitting). The one place the rule is written."""
+    if max_tiles is not None and max_tiles < 1:
+        raise InputError(f"the tile budget must be at least 1 tile per image (1 = no splitting), got {max_tiles}")
+    return max_tiles
+
+
+def budget_settings(settings: SplitSettings, height: int, width: int, max_tiles: Optional[int]) -> SplitSettings:
+    """The splitting settings that keep an image of (height, width) within `max_tiles` tiles per image.
+
+    Fewer tiles means a smaller longest edge, as if the processor were given size.longest_edge =
+    k * tile (so the reference can still be run the same way): the largest k whose plan fits;
+    a budget of 1 means no splitting at all.
+    """
+    budget = check_tile_budget(max_tiles)
+    if budget is None:
+        return settings
+    if budget == 1:
+        return settings.with_tiles_per_side(0)
+    if plan_tiles(height, width, settings).n_tiles <= budget:
+        return settings
+    for per_side in range(math.ceil(settings.longest_edge / settings.tile) - 1, 0, -1):
+        smaller = settings.with_tiles_per_side(per_side)
+        if plan_tiles(height, width, smaller).n_tiles <= budget:
+            return smaller
+    return settings.with_tiles_per_side(0)
 
 
 @dataclass

@@ -161,7 +161,7 @@ def tile_feed(layout: str) -> TileFeed:
 
 
 class VisionEncoder:
-    """Tiles in, rows out; subclasses run the model one tile at a time (`_encode_tile`) or in bulk."""
+    """Tiles in, rows out; subclasses implement `_encode` (the NPU one tile per runtime, ONNX Runtime in bulk)."""
 
     backend = "?"
 
@@ -364,15 +364,11 @@ class VisionCache:
         self.max_bytes = max_bytes
         self._entries: "OrderedDict[str, EncodedImage]" = OrderedDict()
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: str) -> Optional[EncodedImage]:
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
             return None
-        self.hits += 1
         self._entries.move_to_end(key)
         return EncodedImage(entry.plan, entry.rows, cached=True)
 

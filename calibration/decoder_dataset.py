@@ -4,8 +4,9 @@ On the board the decoder never sees text: it gets the whole templated sequence a
 rows, text rows from the fp16 table and image rows from the vision encoder (RKLLM_INPUT_EMBED).
 Calibration must see the same activations, so each sample is built with the board's own rules:
 `board.image_io.load_image` + `board.tiles.split_image` (tile plan), `board.prompt.build_prompt`
-(token ids, image positions), rows of the bundle's fp16 embedding table, and the fp32 PyTorch
-reference vision tower + connector for the image rows, placed at `Prompt.image_positions`.
+(token ids, image positions) and `board.sequence.build_sequence` (rows of the bundle's fp16 embedding
+table, the image rows placed at `Prompt.image_positions` after its count check), with the fp32 PyTorch
+reference vision tower + connector giving the image rows.
 Text-only conversations are built the same way (the board embeds those too). Targets are the fp32
 reference decoder's own greedy answers, so calibration also covers the model answering.
 
@@ -19,10 +20,16 @@ passes `data/inputs.json`; `write_sample_layout` writes that layout too, for a t
 Size: every value is written as text (~11 bytes) and the toolkit holds the parsed lists in RAM
 (~36 bytes per value as Python floats), so the set is bounded by a number of values (default 12 M:
 ~130 MB of JSON, ~0.45 GB parsed; 20k tokens at hidden 576, 5.8k at 2048) and by a number of
-reference tiles (the fp32 tower takes ~4 s per 512 tile on 2 cores: 48 tiles ~3.5 min at full size).
-The default plan spends the tiles on breadth: one image fully split (the ~900-token sequence the
-board sends by default) and one split 2x2, one two-image turn, every calibration image once as a
+reference tiles (the fp32 tower takes ~4 s per 512 tile on 2 cores: 48 tiles ~3.5 min at full size;
+`--decoder-calibration-tiles` of host.convert). The default plan spends the tiles on breadth: one
+image fully split (the ~900-token sequence the board sends by default) and one split at most 2 tiles
+per side (2x2 + global for a square image), one two-image turn, every calibration image once as a
 single unsplit tile, and text-only turns.
+
+Two tile counts, two names: a conversation's `tiles_per_side` fixes its images' grid
+(`SplitSettings.with_tiles_per_side`: 0 = unsplit, None = the checkpoint's full splitting), while
+`max_reference_tiles` / `calibration_tiles` / `holdout_tiles` bound the tiles a whole set runs through
+the reference tower. Neither is the board's `max_tiles`, a tile budget per image.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 
 from board.image_io import load_image
 from board.prompt import PromptFormat, build_prompt, render_chat
+from board.sequence import build_sequence, stack_rows
 from board.tiles import SplitSettings, TiledImage, split_image
 from calibration.decoder_prompts import FOLLOW_UPS, QUESTIONS, SYSTEM, TEXT_ONLY
 
@@ -47,7 +55,7 @@ DATASET_META = "decoder_calibration.meta.json"
 SAMPLE_LAYOUT = "decoder_calibration_samples"
 HOLDOUT = "decoder_holdout.npz"
 DEFAULT_MAX_VALUES = 12_000_000
-DEFAULT_MAX_TILES = 48
+DEFAULT_CALIBRATION_TILES = 48
 DEFAULT_HOLDOUT_TILES = 16
 # text-only conversations: the first ones calibrate, the last ones are held out
 HOLDOUT_TEXT = 3
@@ -63,7 +71,7 @@ class Conversation:
     name: str
     messages: tuple[dict[str, Any], ...]
     images: tuple[Path, ...] = ()
-    max_tiles: Optional[int] = 0  # tiles per side (SplitSettings.with_tile_budget); None: full splitting
+    tiles_per_side: Optional[int] = 0  # the images' grid (SplitSettings.with_tiles_per_side); None: full splitting
 
 
 @dataclass
@@ -101,7 +109,7 @@ def _text(text: str) -> dict[str, str]:
 _IMAGE = {"type": "image"}
 
 
-def image_conversation(path: Path, index: int, max_tiles: Optional[int]) -> Conversation:
+def image_conversation(path: Path, index: int, tiles_per_side: Optional[int]) -> Conversation:
     """One image with a question for its kind, in one of four shapes (image first, text first,
     with a system prompt, multi-turn), chosen by `index` so a set covers all of them."""
     questions = QUESTIONS[_category(path)]
@@ -123,8 +131,8 @@ def image_conversation(path: Path, index: int, max_tiles: Optional[int]) -> Conv
             {"role": "assistant", "content": [_text(" " + answer)]},
             {"role": "user", "content": [_text(follow_up)]},
         ]
-    split = "full" if max_tiles is None else f"max{max_tiles}"
-    return Conversation(f"{path.stem}-{split}-{shape}", tuple(messages), (path,), max_tiles)
+    split = "full" if tiles_per_side is None else f"side{tiles_per_side}"
+    return Conversation(f"{path.stem}-{split}-{shape}", tuple(messages), (path,), tiles_per_side)
 
 
 def text_conversation(turns: Sequence[tuple[str, str]], index: int) -> Conversation:
@@ -134,16 +142,16 @@ def text_conversation(turns: Sequence[tuple[str, str]], index: int) -> Conversat
 
 def plan_conversations(
     images: Sequence[Path], text_turns: Sequence[Sequence[tuple[str, str]]], *,
-    long_budgets: Sequence[Optional[int]] = (None, 2), question_offset: int = 0,
+    long_tiles_per_side: Sequence[Optional[int]] = (None, 2), question_offset: int = 0,
 ) -> list[Conversation]:
-    """Long sequences first (one image per entry of `long_budgets`: None = the board's default full
-    splitting), one two-image turn, then every image once as one unsplit tile interleaved with the
-    text-only turns, so a budget cut keeps the long ones and drops a mix of the rest."""
+    """Long sequences first (one image per entry of `long_tiles_per_side`: None = the board's default
+    full splitting), one two-image turn, then every image once as one unsplit tile interleaved with
+    the text-only turns, so a budget cut keeps the long ones and drops a mix of the rest."""
     images = list(images)
-    step = max(1, len(images) // max(1, len(long_budgets)))
+    step = max(1, len(images) // max(1, len(long_tiles_per_side)))
     ordered = [
-        image_conversation(images[(k * step) % len(images)], k + question_offset + 1, budget)
-        for k, budget in enumerate(long_budgets) if images
+        image_conversation(images[(k * step) % len(images)], k + question_offset + 1, per_side)
+        for k, per_side in enumerate(long_tiles_per_side) if images
     ]
     if len(images) >= 2:
         content = [_IMAGE, _text("and"), _IMAGE, _text("What differs between these two images?")]
@@ -173,30 +181,28 @@ class SequenceBuilder:
         """Tiles run through the vision tower so far (the budgeted cost; repeats are served from a cache)."""
         return sum(len(f) for f in self._features.values())
 
-    def split(self, path: Path, max_tiles: Optional[int]) -> TiledImage:
-        key = (path, max_tiles)
+    def split(self, path: Path, tiles_per_side: Optional[int]) -> TiledImage:
+        key = (path, tiles_per_side)
         if key not in self._tiled:
-            self._tiled[key] = split_image(load_image(path), self.settings.with_tile_budget(max_tiles))
+            self._tiled[key] = split_image(load_image(path), self.settings.with_tiles_per_side(tiles_per_side))
         return self._tiled[key]
 
     def plan(self, conv: Conversation) -> tuple[Any, int, int]:
         """(prompt, tokens, new reference tiles) without running the vision tower."""
-        tiled = [self.split(p, conv.max_tiles) for p in conv.images]
+        tiled = [self.split(p, conv.tiles_per_side) for p in conv.images]
         prompt = build_prompt(list(conv.messages), [t.plan for t in tiled], self.fmt, self.tokenizer, self.image_token_id)
-        new = {(p, conv.max_tiles) for p in conv.images} - set(self._features)
+        new = {(p, conv.tiles_per_side) for p in conv.images} - set(self._features)
         return prompt, len(prompt), sum(self.split(*key).plan.n_tiles for key in new)
 
     def build(self, conv: Conversation) -> Sample:
         prompt, _, _ = self.plan(conv)
-        embeds = self.table[prompt.input_ids].astype(np.float32)
         rows = []
         for path in conv.images:
-            key = (path, conv.max_tiles)
+            key = (path, conv.tiles_per_side)
             if key not in self._features:
                 self._features[key] = np.asarray(self.features(self.split(*key).tiles), np.float32)
-            rows.append(self._features[key].reshape(-1, embeds.shape[1]))
-        if rows:
-            embeds[prompt.image_positions] = np.concatenate(rows)
+            rows.append(self._features[key])
+        embeds = build_sequence(prompt, self.table, stack_rows(rows, self.table.shape[1]))
         return Sample(
             name=conv.name, images=[p.name for p in conv.images], tiles=sum(prompt.tiles_per_image),
             input_ids=prompt.input_ids, image_positions=prompt.image_positions, embeds=embeds,
@@ -204,20 +210,21 @@ class SequenceBuilder:
         )
 
 
-def build_samples(conversations: Sequence[Conversation], builder: SequenceBuilder, *, max_tiles: int,
+def build_samples(conversations: Sequence[Conversation], builder: SequenceBuilder, *, max_reference_tiles: int,
                   max_tokens: int, progress: Optional[Progress] = None) -> list[Sample]:
-    """Samples in plan order while they fit the tile and token budgets (one that does not fit is skipped)."""
+    """Samples in plan order while they fit the budgets: tiles run through the reference tower (repeats
+    come from its cache) and tokens; a sample that does not fit is skipped."""
     samples: list[Sample] = []
     tiles = tokens = 0
     for conv in conversations:
         _, n_tokens, new_tiles = builder.plan(conv)
-        if tiles + new_tiles > max_tiles or tokens + n_tokens > max_tokens:
+        if tiles + new_tiles > max_reference_tiles or tokens + n_tokens > max_tokens:
             continue
         t0 = time.monotonic()
         samples.append(builder.build(conv))
         tiles, tokens = tiles + new_tiles, tokens + n_tokens
         if progress:
-            progress(f"{len(samples)} samples, {tiles}/{max_tiles} tiles, {tokens} tokens: {conv.name} "
+            progress(f"{len(samples)} samples, {tiles}/{max_reference_tiles} tiles, {tokens} tokens: {conv.name} "
                      f"({n_tokens} tokens, {time.monotonic() - t0:.1f}s)")
     if not samples:
         raise ValueError("no calibration sample fits the budget")
@@ -388,7 +395,7 @@ def build_decoder_calibration(
     eos_ids: Sequence[int],
     images: Sequence[Path],
     holdout_images: Sequence[Path],
-    max_tiles: int = DEFAULT_MAX_TILES,
+    calibration_tiles: int = DEFAULT_CALIBRATION_TILES,
     holdout_tiles: int = DEFAULT_HOLDOUT_TILES,
     max_values: int = DEFAULT_MAX_VALUES,
     max_new_tokens: int = 32,
@@ -396,17 +403,21 @@ def build_decoder_calibration(
     progress: Optional[Progress] = None,
 ) -> dict[str, Any]:
     """Write the calibration dataset (+ its meta, optionally the 1.3.0 sample layout) and the held-out
-    samples into out_dir; return a report with counts, sizes and timings."""
+    samples into out_dir; return a report with counts, sizes and timings. `calibration_tiles` and
+    `holdout_tiles` are the reference tiles each set may spend."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hidden = int(builder.table.shape[1])
     max_tokens = max_values // hidden
     t0 = time.monotonic()
     calibration_plan = plan_conversations(images, TEXT_ONLY[:-HOLDOUT_TEXT])
-    samples = build_samples(calibration_plan, builder, max_tiles=max_tiles, max_tokens=max_tokens, progress=progress)
+    samples = build_samples(calibration_plan, builder, max_reference_tiles=calibration_tiles, max_tokens=max_tokens,
+                            progress=progress)
     calibration_tiles = builder.reference_tiles
-    holdout_plan = plan_conversations(holdout_images, TEXT_ONLY[-HOLDOUT_TEXT:], long_budgets=(2,), question_offset=2)
-    holdout = build_samples(holdout_plan, builder, max_tiles=holdout_tiles, max_tokens=max_tokens, progress=progress)
+    holdout_plan = plan_conversations(holdout_images, TEXT_ONLY[-HOLDOUT_TEXT:], long_tiles_per_side=(2,),
+                                      question_offset=2)
+    holdout = build_samples(holdout_plan, builder, max_reference_tiles=holdout_tiles, max_tokens=max_tokens,
+                            progress=progress)
     t_embed = time.monotonic() - t0
     generate_targets(samples, decoder, tokenizer, eos_ids, max_new_tokens=max_new_tokens, progress=progress)
     t_targets = time.monotonic() - t0 - t_embed
@@ -421,7 +432,7 @@ def build_decoder_calibration(
         "tokens": sum(s.tokens for s in samples),
         "max_sample_tokens": max(s.tokens for s in samples),
         "hidden_size": hidden,
-        "budget": {"max_tiles": max_tiles, "max_values": max_values, "max_tokens": max_tokens},
+        "budget": {"calibration_tiles": calibration_tiles, "max_values": max_values, "max_tokens": max_tokens},
         "holdout": {"file": HOLDOUT, "samples": len(holdout), "tiles": sum(s.tiles for s in holdout),
                     "reference_tiles": builder.reference_tiles - calibration_tiles,
                     "tokens": sum(s.tokens for s in holdout)},

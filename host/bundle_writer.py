@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,15 +18,9 @@ import numpy as np
 from board import __version__ as PACKAGE_VERSION
 from board import bundle as B
 from board.prompt import PromptFormat
+from board.system_checks import package_version
 from board.tiles import tokens_per_tile
 from host.checkpoint import Checkpoint
-
-
-def package_version(name: str) -> Optional[str]:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def toolkit_versions() -> dict[str, Optional[str]]:

@@ -340,7 +340,7 @@ def stage_calibration(job: Job, text: dict[str, Any]) -> dict[str, Any]:
     return build_decoder_calibration(
         job.root / B.HOST_DIR, builder=builder, decoder=load_decoder(job.root / B.DECODER_HF), tokenizer=tokenizer,
         eos_ids=text["generation"]["eos_token_ids"], images=job.calibration_images(),
-        holdout_images=job.holdout_images(), max_tiles=job.args.decoder_calibration_tiles,
+        holdout_images=job.holdout_images(), calibration_tiles=job.args.decoder_calibration_tiles,
         max_new_tokens=job.args.decoder_target_tokens, sample_layout=job.args.decoder_sample_layout,
         progress=lambda message: job.log(f"calibration: {message}"),
     )
@@ -487,7 +487,7 @@ def vision_options(args: argparse.Namespace) -> Any:
 
 def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     """Run every stage; return the summary (also written to host/convert_report.json)."""
-    from host.bundle_writer import package_version
+    from board.system_checks import package_version
     from host.decoder_rkllm import RKLLMOptions, require_rkllm_toolkit, toolkit_version, validate_max_context
     from host.vision_rknn import require_rknn_toolkit
 

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from PIL import Image, ImageOps  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
+from board.errors import PromptError  # noqa: E402
 from board.tiles import SplitSettings  # noqa: E402
 from calibration import decoder_dataset as D  # noqa: E402
 from calibration.vision_tiles import default_images  # noqa: E402
@@ -47,7 +48,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
 
     images = default_images("calibration")[:N_IMAGES]
     plan = D.plan_conversations(images, D.TEXT_ONLY[:3])
-    samples = D.build_samples(plan, builder(), max_tiles=40, max_tokens=10_000)
+    samples = D.build_samples(plan, builder(), max_reference_tiles=40, max_tokens=10_000)
     D.generate_targets(samples, load_decoder(folder), tokenizer, eos, max_new_tokens=3)
     out = tmp_path_factory.mktemp("calibration")
     written = D.write_rkllm_dataset(samples, out / D.DATASET)
@@ -59,9 +60,9 @@ def setup(tiny_checkpoint, tmp_path_factory):
 def test_plan_covers_every_image_and_shape():
     images = default_images("calibration")
     plan = D.plan_conversations(images, D.TEXT_ONLY[:4])
-    budgets = [c.max_tiles for c in plan if c.images]
+    budgets = [c.tiles_per_side for c in plan if c.images]
     assert budgets[:2] == [None, 2], "long sequences (full split, 2x2) come first so a budget cut keeps them"
-    single = [c for c in plan if len(c.images) == 1 and c.max_tiles == 0]
+    single = [c for c in plan if len(c.images) == 1 and c.tiles_per_side == 0]
     assert [c.images[0] for c in single] == images
     assert sum(len(c.images) == 2 for c in plan) == 1
     assert sum(not c.images for c in plan) == 4
@@ -73,10 +74,10 @@ def _reference(setup, conv):
     """transformers' processor + model for one conversation: input_ids and the merged inputs_embeds."""
     processor, model = setup["processor"], setup["model"]
     kwargs = {}
-    if conv.max_tiles == 0:
+    if conv.tiles_per_side == 0:
         kwargs["do_image_splitting"] = False
-    elif conv.max_tiles is not None:
-        kwargs["size"] = {"longest_edge": conv.max_tiles * setup["settings"].tile}
+    elif conv.tiles_per_side is not None:
+        kwargs["size"] = {"longest_edge": conv.tiles_per_side * setup["settings"].tile}
     text = processor.apply_chat_template(list(conv.messages), add_generation_prompt=True)
     images = [ImageOps.exif_transpose(Image.open(p)) for p in conv.images] or None
     inputs = processor(text=text, images=images, return_tensors="pt", **kwargs)
@@ -143,14 +144,26 @@ def test_targets_are_the_reference_decoders_greedy_answers(setup):
 def test_budgets_are_respected(setup):
     plan = D.plan_conversations(setup["images"], D.TEXT_ONLY[:2])
     builder = setup["builder"]()
-    few = D.build_samples(plan, builder, max_tiles=3, max_tokens=10_000)
+    few = D.build_samples(plan, builder, max_reference_tiles=3, max_tokens=10_000)
     assert builder.reference_tiles <= 3  # the budget is tiles run through the tower; repeats come from its cache
     assert sum(s.tiles for s in few) >= builder.reference_tiles
     assert any(s.kind == "text" for s in few)
-    short = D.build_samples(plan, setup["builder"](), max_tiles=100, max_tokens=300)
+    short = D.build_samples(plan, setup["builder"](), max_reference_tiles=100, max_tokens=300)
     assert sum(s.tokens for s in short) <= 300
     with pytest.raises(ValueError, match="budget"):
-        D.build_samples(plan, setup["builder"](), max_tiles=0, max_tokens=5)
+        D.build_samples(plan, setup["builder"](), max_reference_tiles=0, max_tokens=5)
+
+
+def test_image_rows_are_count_checked_before_merging(setup):
+    """Samples go through the board's build_sequence: a vision output with a row too few per tile is
+    refused with the board's message instead of being merged."""
+    fmt, hidden = setup["fmt"], setup["table"].shape[1]
+    short = D.SequenceBuilder(fmt=fmt, tokenizer=setup["tokenizer"], image_token_id=setup["processor"].image_token_id,
+                              settings=setup["settings"], table=setup["table"],
+                              features=lambda tiles: np.zeros((len(tiles), fmt.image_seq_len - 1, hidden), np.float32))
+    conv = next(c for c in setup["plan"] if len(c.images) == 1 and c.tiles_per_side == 0)
+    with pytest.raises(PromptError, match="image slots but the vision encoder gave"):
+        short.build(conv)
 
 
 def test_validate_rejects_wrong_layouts(tmp_path):
@@ -176,7 +189,7 @@ def test_whole_step_writes_dataset_meta_holdout_and_sample_layout(setup, tmp_pat
     calibration, holdout = setup["images"][:2], default_images("holdout")[:2]
     report = D.build_decoder_calibration(
         tmp_path, builder=setup["builder"](), decoder=load_decoder(setup["folder"]), tokenizer=setup["tokenizer"],
-        eos_ids=setup["eos"], images=calibration, holdout_images=holdout, max_tiles=40, holdout_tiles=40,
+        eos_ids=setup["eos"], images=calibration, holdout_images=holdout, calibration_tiles=40, holdout_tiles=40,
         max_new_tokens=2, sample_layout=True,
     )
     hidden = setup["table"].shape[1]

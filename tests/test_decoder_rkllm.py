@@ -152,6 +152,23 @@ def test_per_call_sampling_and_max_new_tokens(fake):
     assert (short.text, short.finish_reason) == ("Hello world", "length")
 
 
+def test_a_call_without_sampling_uses_the_decoders_default(fake):
+    """The Decoder protocol and both implementations mean the same by sampling=None: the decoder's own."""
+    import inspect
+
+    from board.decoder import Decoder
+    from board.decoder_torch import TorchDecoder
+
+    defaults = {cls.__name__: inspect.signature(cls.generate).parameters["sampling"].default
+                for cls in (Decoder, RKLLMDecoder, TorchDecoder)}
+    assert defaults == {"Decoder": None, "RKLLMDecoder": None, "TorchDecoder": None}
+    with fake.decoder(sampling=SamplingParams(max_new_tokens=3, top_k=7, temperature=0.5)) as dec:
+        GenerationResult.collect(dec.generate(_emb()))
+    (run,) = fake.report()["runs"]
+    assert (run["sampling"]["top_k"], run["max_new_tokens"]) == (7, 3)
+    assert run["sampling"]["temperature"] == pytest.approx(0.5)
+
+
 def test_seed_cannot_be_honoured_when_sampling(fake):
     with fake.decoder() as dec:
         with pytest.warns(UserWarning, match="no sampling seed"):

@@ -135,7 +135,7 @@ def test_real_toolkit_builds_and_measures_the_tiny_decoder(tiny_checkpoint, tmp_
     )
     D.build_decoder_calibration(
         tmp_path, builder=builder, decoder=load_decoder(folder), tokenizer=builder.tokenizer, eos_ids=eos,
-        images=default_images("calibration")[:4], holdout_images=default_images("holdout")[:2], max_tiles=8,
+        images=default_images("calibration")[:4], holdout_images=default_images("holdout")[:2], calibration_tiles=8,
         holdout_tiles=4, max_new_tokens=4,
     )
     report = R.build_decoder_rkllm(folder, tmp_path / D.DATASET, tmp_path / "decoder.rkllm",

@@ -18,9 +18,9 @@ pytest.importorskip("onnxruntime")
 from board.bundle import Bundle  # noqa: E402
 from board.decoder import GenerationResult, SamplingParams  # noqa: E402
 from board.errors import DecoderError, PromptError  # noqa: E402
-from board.pipeline import ContextFull, Pipeline, budget_settings  # noqa: E402
+from board.pipeline import ContextFull, Pipeline  # noqa: E402
 from board.sequence import build_sequence, stack_rows  # noqa: E402
-from board.tiles import TilePlan, plan_tiles  # noqa: E402
+from board.tiles import TilePlan, budget_settings, plan_tiles  # noqa: E402
 from board.vision import EncodedImage, VisionCache  # noqa: E402
 from test_pipeline_support import CHAT_QUESTION as Q  # noqa: E402
 from test_pipeline_support import Oracle, images, stopping_video_setup, tiny_bundle_for  # noqa: E402,F401
@@ -109,7 +109,7 @@ def test_sequence_equals_reference_inputs_embeds(base, images):
     """Text rows from the fp16 table and ONNX vision rows at the <image> slots vs the reference's merge."""
     pipeline, paths = base.pipeline, [images["wide"], images["small"]]
     messages = [user(None, "Compare with", None)]
-    encoded = [pipeline.encode_image(p, pipeline._begin()[1]) for p in paths]
+    encoded = [pipeline.encode_image(p, pipeline.begin_turn().timings) for p in paths]
     prompt = pipeline.full_prompt(messages, encoded)
     ours = build_sequence(prompt, pipeline.table, stack_rows([e.rows for e in encoded], pipeline.table.shape[1]))
     ref = base.oracle.inputs_embeds(base.oracle.inputs(messages, paths))
@@ -251,6 +251,23 @@ def test_interleaved_chats_rebuild_their_own_history(stopping, images):
     inputs = stopping.oracle.inputs(messages, [images["wide"]])
     assert second.prompt.input_ids.tolist() == inputs["input_ids"][0].tolist()
     assert answer.token_ids == stopping.oracle.generate(inputs, MAX_NEW)
+
+
+def test_a_stateless_call_takes_the_cache_from_a_chat(stopping):
+    """The pipeline says whose history its decoder holds; a chat that lost it re-feeds itself, and a
+    resumed turn for a conversation the cache does not hold is refused."""
+    pipeline = stopping.pipeline
+    chat = pipeline.chat()
+    chat.send("Hello there.", sampling=GREEDY).collect()
+    assert pipeline.holds_history(chat)
+    pipeline.ask("Who are you?", sampling=GREEDY).collect()
+    assert not pipeline.holds_history(chat)
+    assert chat.send("Try again.", sampling=GREEDY).collect().timings.history_tokens == 0
+    assert pipeline.holds_history(chat) and not pipeline.holds_history(None)
+    prompt = pipeline.continuation_prompt("\n", [user("And then?")], [])
+    with pytest.raises(DecoderError, match="no longer holds this conversation"):
+        pipeline.reply(pipeline.begin_turn(), prompt, [], history=pipeline.chat(), resume=True)
+    assert pipeline.holds_history(chat)  # the refused turn changed nothing
 
 
 def test_continuation_text_matches_the_chat_template(base, images):

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from board.errors import InputError, PromptError
-from board.prompt import PromptFormat, build_prompt, count_images, render_chat
+from board.prompt import PromptFormat, build_prompt, drop_leading_space, render_chat
 from board.tiles import SplitSettings, plan_tiles
 from host.checkpoint import load_checkpoint
 from host.prompt_format import derive_prompt_format, prompt_format_from_processor, tokenizer_json
@@ -99,9 +99,31 @@ def test_continuation_leaves_out_the_opening(parts):
     assert full == fmt.bos + cont
 
 
-def test_count_images_accepts_openai_items():
+def test_openai_image_items_are_image_placeholders(parts):
+    fmt, tok, image_id, plan = parts
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, txt("q"), IMG]}]
-    assert count_images(messages) == 2
+    assert build_prompt(messages, [plan, plan], fmt, tok, image_id).tiles_per_image == [plan.n_tiles] * 2
+
+
+@pytest.mark.parametrize("resume", [None, "\n"])
+def test_image_token_count_is_checked_for_whole_and_resumed_prompts(parts, resume):
+    """One count check (the tokenizer must yield one image id per image slot), for both kinds of prompt."""
+    fmt, tok, image_id, plan = parts
+    assert len(build_prompt(user(IMG, txt("hi")), [plan], fmt, tok, image_id, resume=resume).image_positions) == (
+        plan.n_tiles * fmt.image_seq_len)
+    with pytest.raises(PromptError, match="image tokens but the images need"):
+        build_prompt(user(IMG, txt("hi")), [plan], fmt, tok, image_id + 1, resume=resume)
+
+
+def test_resumed_prompt_starts_with_the_resume_text_and_no_opening(parts):
+    fmt, tok, image_id, plan = parts
+    resumed = build_prompt(user(txt("hi")), [], fmt, tok, image_id, resume="\n")
+    assert resumed.text == "\n" + render_chat(user(txt("hi")), fmt, continuation=True)
+    assert resumed.input_ids.tolist() == tok.encode(resumed.text, add_special_tokens=False).ids
+
+
+def test_only_the_one_leading_space_of_an_answer_is_dropped():
+    assert [drop_leading_space(t) for t in (" A cat.", "  two", "none", "", " ")] == ["A cat.", " two", "none", "", ""]
 
 
 def test_unsupported_template_is_refused():

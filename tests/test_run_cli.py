@@ -72,6 +72,20 @@ def test_runs_from_a_copied_folder(bundle, tmp_path):
     assert len(answer["token_ids"]) <= 3
 
 
+@pytest.mark.parametrize("script", ["run.py", "serve.py", "bench.py"])
+def test_every_board_script_imports_its_copied_package(tmp_path, script):
+    """The three scripts share one sys.path bootstrap (board/_script_path.py): each finds the copy's package."""
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "board", app / "board", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import sys, runpy; sys.argv = [sys.argv[1], '--help']; "
+             "import atexit; atexit.register(lambda: print('BOARD_FROM', sys.modules['board'].__file__)); "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", probe, str(app / "board" / script)], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert "--bundle" in result.stdout, result.stderr
+    assert f"BOARD_FROM {app / 'board' / '__init__.py'}" in result.stdout, result.stdout + result.stderr
+
+
 def test_console_entry_point_is_declared_and_installed():
     cfg = (ROOT / "setup.cfg").read_text()
     assert "smolvlm-run = board.run:main" in cfg
@@ -122,7 +136,7 @@ def _capture(fn, argv):
 
 
 @pytest.mark.parametrize("case", ["missing-bundle", "not-an-image", "missing-image", "prompt-too-long",
-                                  "no-question", "not-a-board"])
+                                  "no-question", "no-tiles", "not-a-board"])
 def test_errors_are_one_plain_message(case, bundle, images, tmp_path, capsys):
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("this is not a picture")
@@ -134,6 +148,7 @@ def test_errors_are_one_plain_message(case, bundle, images, tmp_path, capsys):
         "prompt-too-long": ([*base, *["--image", str(images["wide"])] * 5, "hi"],
                             "tokens but the model's context holds 4095", 1),
         "no-question": ([*base], "give a question", 2),
+        "no-tiles": ([*base, "--max-tiles", "0", "hi"], "--max-tiles: the tile budget must be at least 1", 2),
         # without --emulate on x86 the board checks speak first (a bundle without decoder.rkllm: test_bundle)
         "not-a-board": (["--bundle", str(bundle), "hi"], "this machine cannot run the model: cpu:", 1),
     }[case]

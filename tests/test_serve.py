@@ -447,6 +447,15 @@ def test_answer_text_drops_the_leading_space_and_cuts_at_stop(pieces, stop, show
     assert text.stopped == (shown != "".join(pieces).removeprefix(" "))
 
 
+def test_a_tile_budget_below_one_is_a_usage_error(tmp_path, capsys):
+    from board.serve import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--bundle", str(tmp_path), "--max-tiles", "0"])
+    assert exited.value.code == 2
+    assert "--max-tiles: the tile budget must be at least 1" in capsys.readouterr().err
+
+
 def test_pipeline_outputs_are_deterministic(pipeline):
     """The parity tests above rest on greedy answers being repeatable in one process."""
     a = expected(pipeline, [{"role": "user", "content": "Hi"}], max_new=6)[2].token_ids

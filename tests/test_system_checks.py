@@ -71,6 +71,24 @@ def test_npu_driver_from_sys_module_when_debugfs_is_closed(tmp_path):
     assert result.status == S.OK and "0.9.8" in result.message
 
 
+@pytest.mark.parametrize("where", ["debugfs_version", "procfs_version", "module_version"])
+def test_bench_records_the_driver_version_the_check_reads(tmp_path, where):
+    """board/bench.py reads the driver through the checks' reader (it once skipped /proc/rknpu/version)."""
+    from board.bench import npu_driver_version
+
+    paths = fake_system(tmp_path, **{where: "RKNPU driver: v0.9.8\n"})
+    assert S.check_npu_driver(paths).message == "rknpu 0.9.8"
+    assert npu_driver_version(paths) == "0.9.8"
+    assert npu_driver_version(fake_system(tmp_path / "none")) is None
+
+
+def test_package_version_of_installed_and_missing_distributions():
+    import numpy
+
+    assert S.package_version("numpy") == numpy.__version__
+    assert S.package_version("no-such-distribution-smolvlm") is None
+
+
 def test_npu_driver_unreadable_says_how_to_read_it(tmp_path, monkeypatch):
     paths = fake_system(tmp_path, debugfs_version="RKNPU driver: v0.9.8\n")
     real = Path.read_text

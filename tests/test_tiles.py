@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from transformers import Idefics3ImageProcessorPil
 
-from board.errors import BundleError
-from board.tiles import SplitSettings, plan_tiles, resize, split_image
+from board.errors import BundleError, InputError
+from board.tiles import SplitSettings, budget_settings, check_tile_budget, plan_tiles, resize, split_image
 
 RNG = np.random.default_rng(11)
 
@@ -44,7 +44,7 @@ FAMILIES = {"512": (2048, 512), "384": (1536, 384)}
 def test_plan_matches_reference_grid(family, hw, budget):
     longest, tile = FAMILIES[family]
     cfg = {"size": {"longest_edge": longest}, "max_image_size": {"longest_edge": tile}, "resample": 1}
-    settings = SplitSettings.from_preprocessor(cfg).with_tile_budget(budget)
+    settings = SplitSettings.from_preprocessor(cfg).with_tiles_per_side(budget)
     ref = Idefics3ImageProcessorPil(
         size={"longest_edge": settings.longest_edge}, max_image_size={"longest_edge": tile},
         do_image_splitting=settings.do_image_splitting, resample=1,
@@ -61,8 +61,20 @@ def test_plan_matches_reference_grid(family, hw, budget):
 
 def test_budget_reduces_tiles():
     s = SplitSettings(longest_edge=2048, tile=512)
-    counts = [plan_tiles(3024, 4032, s.with_tile_budget(b)).n_tiles for b in (None, 3, 2, 1, 0)]
+    counts = [plan_tiles(3024, 4032, s.with_tiles_per_side(b)).n_tiles for b in (None, 3, 2, 1, 0)]
     assert counts == [13, 10, 5, 1, 1]  # 4x3+1, 3x3+1, 2x2+1, one tile, unsplit
+
+
+def test_tile_budget_per_image_picks_the_largest_grid_that_fits():
+    s = SplitSettings(longest_edge=2048, tile=512)
+    budgets = (None, 17, 13, 12, 10, 9, 5, 4, 2, 1)
+    counts = {b: plan_tiles(3024, 4032, budget_settings(s, 3024, 4032, b)).n_tiles for b in budgets}
+    assert counts == {None: 13, 17: 13, 13: 13, 12: 10, 10: 10, 9: 5, 5: 5, 4: 1, 2: 1, 1: 1}
+    assert not budget_settings(s, 3024, 4032, 1).do_image_splitting  # 1 = no splitting, not a 1x1 grid
+    assert check_tile_budget(None) is None and check_tile_budget(3) == 3
+    for bad in (0, -2):
+        with pytest.raises(InputError, match="at least 1 tile per image"):
+            budget_settings(s, 100, 100, bad)
 
 
 def test_normalized_matches_reference_formula():

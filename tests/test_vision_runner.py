@@ -145,7 +145,7 @@ def test_image_key():
     settings = SplitSettings(longest_edge=64, tile=T)
     key = image_key(b"abc", settings)
     assert key == image_key(b"abc", settings) != image_key(b"abd", settings)
-    assert key != image_key(b"abc", settings.with_tile_budget(0)) and key != image_key(b"abc", settings, "x")
+    assert key != image_key(b"abc", settings.with_tiles_per_side(0)) and key != image_key(b"abc", settings, "x")
     pixels = np.zeros((4, 4, 3), np.uint8)
     assert image_key(pixels, settings) != image_key(pixels.reshape(4, 12, 1), settings)
 
