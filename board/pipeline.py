@@ -230,6 +230,8 @@ class Pipeline:
             self.checks = run_checks(emulate=emulate, library_dirs=[root], paths=system_paths)
             require(self.checks)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify, need_decoder=not emulate)
+        if self.checks and not emulate:  # the bundle's target (SoC, NPU driver minimum) against this board
+            require(self.bundle.check_board(system_paths))
         if max_tiles is not None and max_tiles < 1:
             raise InputError(f"the tile budget must be at least 1 tile per image, got {max_tiles}")
         self.max_tiles = max_tiles
