@@ -111,7 +111,8 @@ def check_budget(result: dict[str, Any], key: str, rule: dict[str, Any]) -> Opti
 
 def budget_entry(budgets: dict[str, Any], bundle: Any) -> Optional[dict[str, Any]]:
     """The budgets file's entry whose `match` fits the bundle (vision family and decoder hidden size)."""
-    facts = {"vision_family": bundle.manifest.get(S.Manifest.MODEL, {}).get(S.Model.FAMILY), "hidden_size": bundle.hidden_size}
+    family = bundle.manifest.get(S.Manifest.MODEL, {}).get(S.Model.FAMILY)
+    facts = {"vision_family": family, "hidden_size": bundle.hidden_size}
     for entry in budgets.get("models", []):
         if all(facts.get(k) == v for k, v in entry.get("match", {}).items()):
             return entry
@@ -165,7 +166,8 @@ def versions(bundle: Any, emulate: bool) -> dict[str, Any]:
 
     out: dict[str, Any] = {"board": __version__, "npu_driver": None, "librkllmrt": None, "librknnrt": None,
                            "rknn_toolkit_lite2": _package_version("rknn-toolkit-lite2"),
-                           "onnxruntime": None, "torch": None, "bundle_toolkits": bundle.manifest.get(S.Manifest.TOOLKITS, {})}
+                           "onnxruntime": None, "torch": None,
+                           "bundle_toolkits": bundle.manifest.get(S.Manifest.TOOLKITS, {})}
     if emulate:
         out["onnxruntime"], out["torch"] = _package_version("onnxruntime"), _package_version("torch")
         return out

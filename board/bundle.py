@@ -84,16 +84,17 @@ def runtime_target() -> dict[str, str]:
     return {T.PLATFORM: PLATFORM, T.NPU_DRIVER_MIN: ".".join(map(str, MIN_NPU_DRIVER)), T.LIBRKLLMRT: RKLLM_VERSION}
 
 
-def _inside(root: Path, rel: str, where: str) -> Path:
-    """root / rel, refused unless it stays inside the bundle folder once symlinks are resolved."""
+def _inside(root: Path, rel: str, where: Optional[str] = None) -> Path:
+    """root / rel, refused unless it stays inside the bundle folder once symlinks are resolved;
+    `where` is the manifest key that names the path, if one does."""
+    at = f"{where}: " if where else ""
     problem = S.path_problem(rel)
     if problem:
-        raise BundleError(f"{where}: the path {rel!r} {problem}; every file must be inside the bundle",
-                          hint=REBUILD_HINT)
+        raise BundleError(f"{at}the path {rel!r} {problem}; every file must be inside the bundle", hint=REBUILD_HINT)
     path = root / rel
     real = path.resolve()
     if not real.is_relative_to(root.resolve()):
-        raise BundleError(f"{where}: {rel} leads to {real}, outside the bundle folder (a symlink)", hint=_LINK_HINT)
+        raise BundleError(f"{at}{rel} leads to {real}, outside the bundle folder (a symlink)", hint=_LINK_HINT)
     return path
 
 
@@ -114,7 +115,7 @@ class Bundle:
         if not manifest_path.exists():
             raise BundleError(f"{root} has no {MANIFEST}: not a bundle", hint=REBUILD_HINT)
         try:
-            manifest = json.loads(_inside(root, MANIFEST, MANIFEST).read_text(encoding="utf-8"))
+            manifest = json.loads(_inside(root, MANIFEST).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{manifest_path} is corrupt: {exc}", hint=_COPY_HINT) from exc
         if not isinstance(manifest, dict) or manifest.get(M.FORMAT) != FORMAT_NAME:
@@ -278,9 +279,10 @@ class Bundle:
 
     @cached_property
     def prompt_format(self) -> PromptFormat:
+        section = self.manifest[M.PROMPT]  # its known keys: the section may grow within a format version
         try:
-            return PromptFormat.from_dict(self.manifest[M.PROMPT])
-        except (KeyError, TypeError, ValueError) as exc:
+            return PromptFormat.from_dict({k: section[k] for k in S.keys(S.Prompt)})
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"the manifest's prompt format is incomplete: {exc}", hint=REBUILD_HINT) from exc
 
     @property
@@ -314,7 +316,7 @@ class Bundle:
     # -- files ----------------------------------------------------------------------------------
     def path(self, rel: str) -> Path:
         """root / rel, refused if it would lead out of the bundle folder."""
-        return _inside(self.root, rel, rel)
+        return _inside(self.root, rel)
 
     def tokenizer(self):
         """The tokenizers.Tokenizer the prompt builder uses."""

@@ -9,10 +9,11 @@ The reference (transformers' SmolVLMProcessor + SmolVLMVideoProcessor) does:
 - prompt: the video becomes an intro naming the frame count in words and the duration (H:MM:SS),
   then per frame "\\nFrame from MM:SS:" and the frame as an unsplit image, then an outro.
 
-The strings and numbers come from the bundle's manifest video section (board.bundle_schema.Video) (host.convert writes it from
-the checkpoint's `video_sampling` and the reference processor's constants); nothing here is typed
-from the reference. A frame becomes ordinary content items (text + image placeholders), so the
-board's prompt renderer and sequence builder handle it like any image.
+The strings and numbers come from the bundle's manifest video section (board.bundle_schema.Video;
+host.convert writes it from the checkpoint's `video_sampling` and the reference processor's
+constants); nothing here is typed from the reference. A frame becomes ordinary content items
+(text + image placeholders), so the board's prompt renderer and sequence builder handle it like
+any image.
 
 Pixel parity is not exact by construction: the reference resizes frames with torchvision (Lanczos
 from torchvision 0.27, else bicubic), the board with Pillow's Lanczos as for images.

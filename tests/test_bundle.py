@@ -504,3 +504,21 @@ def test_tokens_per_tile_disagree(bundle_copy, key, message):
     manifest[M.VISION][key] += 1
     _write_manifest(bundle_copy, manifest)
     _refused(bundle_copy, message)
+
+
+def test_manifest_symlinked_out_is_refused(bundle_copy, tmp_path):
+    outside = tmp_path / "manifest.json"
+    shutil.move(bundle_copy / B.MANIFEST, outside)
+    (bundle_copy / B.MANIFEST).symlink_to(outside)
+    _refused(bundle_copy, r"manifest\.json leads to .* outside the bundle folder")
+
+
+def test_unknown_keys_are_ignored_and_a_short_role_is_refused(bundle_copy):
+    """A section may grow within one format version; a role without its two prefixes cannot render."""
+    manifest = _manifest(bundle_copy)
+    manifest[M.PROMPT]["a_later_setting"] = 1
+    manifest[M.DECODER]["a_later_setting"] = True
+    _write_manifest(bundle_copy, manifest)
+    B.Bundle.open(bundle_copy)
+    _edit(bundle_copy, (M.PROMPT, S.Prompt.ROLES, "user"), ["User:"])
+    _refused(bundle_copy, "prompt format is incomplete")
