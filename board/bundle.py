@@ -148,20 +148,14 @@ class Bundle:
         """The bundle is built for the SoC and the librkllmrt ABI this software runs (check_board: the board)."""
         target, runtime = self.manifest[M.TARGET], runtime_target()
         where = f"manifest.{M.TARGET}"
-        if target[T.PLATFORM] != runtime[T.PLATFORM]:
-            raise BundleError(
-                f"the bundle is built for {target[T.PLATFORM]} ({where}.{T.PLATFORM}); this software runs "
-                f"{runtime[T.PLATFORM]} bundles",
-                hint=f"convert the checkpoint again with this software's host.convert (it builds for "
-                f"{runtime[T.PLATFORM]}), and run it on an {runtime[T.PLATFORM].upper()} board",
-            )
-        if target[T.LIBRKLLMRT] != runtime[T.LIBRKLLMRT]:
-            raise BundleError(
-                f"the bundle is built for the librkllmrt {target[T.LIBRKLLMRT]} ABI ({where}.{T.LIBRKLLMRT}); "
-                f"this software binds librkllmrt {runtime[T.LIBRKLLMRT]}",
-                hint=f"convert the checkpoint again with this software's host.convert (rkllm-toolkit "
-                f"{runtime[T.LIBRKLLMRT]}), or run the bundle with the version of this software that made it",
-            )
+        for key, what, converter in ((T.PLATFORM, "the SoC", f"it builds for {PLATFORM}"),
+                                     (T.LIBRKLLMRT, "the librkllmrt ABI", f"rkllm-toolkit {RKLLM_VERSION}")):
+            if target[key] != runtime[key]:
+                raise BundleError(
+                    f"the bundle is built for {what} {target[key]} ({where}.{key}); this software runs {runtime[key]}",
+                    hint=f"convert the checkpoint again with this software's host.convert ({converter}), or run the "
+                    "bundle with the version of this software that made it",
+                )
         if parse_version(target[T.NPU_DRIVER_MIN]) is None:
             raise BundleError(
                 f"{where}.{T.NPU_DRIVER_MIN} = {target[T.NPU_DRIVER_MIN]!r} is not a version like 0.9.8",

@@ -415,10 +415,10 @@ def test_target_is_written_from_the_runtime_definitions(pristine):
 
 
 @pytest.mark.parametrize("key,value,message,hint", [
-    (S.Target.PLATFORM, "rk3576", r"built for rk3576 \(manifest\.target\.platform\); this software runs rk3588",
-     "convert the checkpoint again"),
-    (S.Target.LIBRKLLMRT, "1.2.1", r"librkllmrt 1\.2\.1 ABI \(manifest\.target\.librkllmrt\); this software binds "
-     r"librkllmrt 1\.3\.0", "rkllm-toolkit 1.3.0"),
+    (S.Target.PLATFORM, "rk3576", r"built for the SoC rk3576 \(manifest\.target\.platform\); this software runs "
+     r"rk3588", "host.convert (it builds for rk3588)"),
+    (S.Target.LIBRKLLMRT, "1.2.1", r"built for the librkllmrt ABI 1\.2\.1 \(manifest\.target\.librkllmrt\); this "
+     r"software runs 1\.3\.0", "host.convert (rkllm-toolkit 1.3.0)"),
     (S.Target.NPU_DRIVER_MIN, "recent", r"manifest\.target\.npu_driver_min = 'recent' is not a version", "host.convert"),
     (S.Target.PLATFORM, 3588, r"manifest\.target\.platform must be a string", "host.convert"),
 ])
