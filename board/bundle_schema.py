@@ -11,8 +11,8 @@ target, toolkits, vision, decoder, embeddings, tokenizer, prompt_format (board.p
 fields), preprocessor (the checkpoint's preprocessor_config.json as transformers writes it, read by
 board.tiles.SplitSettings.from_preprocessor), generation, video (SmolVLM2 only) and files (sha256
 and size of every file, keyed by its path inside the bundle). Keys a reader does not know are
-ignored, so a section may grow within one format version; a key may be optional only if a bundle
-written without it still runs as before.
+ignored, so a section may grow within one format version: a key added that way is optional=True
+(bundles written before it lack it); a new required key needs a new FORMAT_VERSION.
 """
 
 from __future__ import annotations
