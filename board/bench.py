@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script (python board/bench.py): board/
 import numpy as np  # noqa: E402
 
 from board import __version__  # noqa: E402
+from board import bundle_schema as S  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.system_checks import SystemPaths, package_version, parse_version, read_npu_driver_version  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
@@ -109,7 +110,8 @@ def check_budget(result: dict[str, Any], key: str, rule: dict[str, Any]) -> Opti
 
 def budget_entry(budgets: dict[str, Any], bundle: Any) -> Optional[dict[str, Any]]:
     """The budgets file's entry whose `match` fits the bundle (vision family and decoder hidden size)."""
-    facts = {"vision_family": bundle.manifest.get("model", {}).get("family"), "hidden_size": bundle.hidden_size}
+    family = bundle.manifest.get(S.Manifest.MODEL, {}).get(S.Model.FAMILY)
+    facts = {"vision_family": family, "hidden_size": bundle.hidden_size}
     for entry in budgets.get("models", []):
         if all(facts.get(k) == v for k, v in entry.get("match", {}).items()):
             return entry
@@ -149,7 +151,8 @@ def versions(bundle: Any, emulate: bool) -> dict[str, Any]:
 
     out: dict[str, Any] = {"board": __version__, "npu_driver": None, "librkllmrt": None, "librknnrt": None,
                            "rknn_toolkit_lite2": package_version("rknn-toolkit-lite2"),
-                           "onnxruntime": None, "torch": None, "bundle_toolkits": bundle.manifest.get("toolkits", {})}
+                           "onnxruntime": None, "torch": None,
+                           "bundle_toolkits": bundle.manifest.get(S.Manifest.TOOLKITS, {})}
     if emulate:
         out["onnxruntime"], out["torch"] = package_version("onnxruntime"), package_version("torch")
         return out
@@ -268,7 +271,7 @@ def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, w
         "warning": EMULATION_WARNING if emulate else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bundle": {"path": str(Path(bundle_dir).expanduser().resolve()), "model": bundle.model_id,
-                   "tiny": bundle.is_tiny, "vision_dtype": bundle.vision.get("dtype"),
+                   "tiny": bundle.is_tiny, "vision_dtype": bundle.vision.get(S.Vision.DTYPE),
                    "vision_layout": bundle.vision_layout, "tile": bundle.split_settings.tile,
                    "tokens_per_tile": bundle.prompt_format.image_seq_len, "max_context": bundle.max_context},
         "runtime": {"vision": described["vision"], "decoder": described["decoder"], "load_ms": described["load_ms"]},

@@ -249,6 +249,8 @@ class Pipeline:
             self.checks = run_checks(emulate=emulate, library_dirs=[root], paths=system_paths)
             require(self.checks)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify, need_decoder=not emulate)
+        if self.checks and not emulate:  # the bundle's target (SoC, NPU driver minimum) against this board
+            require(self.bundle.check_board(system_paths))
         self.max_tiles = check_tile_budget(max_tiles)
         self.sampling = sampling
         self.format = self.bundle.prompt_format

@@ -26,9 +26,10 @@ from typing import Iterable, Optional, Sequence, Union
 from . import rkllm_h
 from .errors import RuntimeUnavailable
 
-MIN_NPU_DRIVER = (0, 9, 8)
+PLATFORM = "rk3588"  # the SoC every NPU model of a bundle is compiled for
+MIN_NPU_DRIVER = (0, 9, 8)  # what librkllmrt 1.3.0 needs
 RKNNRT_NAME = "librknnrt.so"
-SOC_COMPATIBLE = ("rockchip,rk3588", "rockchip,rk3588s")
+SOC_COMPATIBLE = (f"rockchip,{PLATFORM}", f"rockchip,{PLATFORM}s")
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
@@ -130,15 +131,16 @@ def _debugfs_mounted(paths: SystemPaths) -> Optional[bool]:
         return None
 
 
-def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
-    """The rknpu kernel driver's version: librkllmrt 1.3.0 needs >= 0.9.8.
+def check_npu_driver(paths: SystemPaths = SystemPaths(), *, minimum: tuple[int, int, int] = MIN_NPU_DRIVER,
+                     needed_by: str = f"librkllmrt {rkllm_h.RKLLM_VERSION}") -> CheckResult:
+    """The rknpu kernel driver's version: librkllmrt 1.3.0 needs >= 0.9.8 (a bundle may name a later `minimum`).
 
     Read by read_npu_driver_version. It fails as missing only when debugfs could be searched and
     none of the three files exists; when they cannot be read it warns and says how to look, instead
     of refusing a board that may be fine.
     """
     name = "npu driver"
-    need = ".".join(map(str, MIN_NPU_DRIVER))
+    need = ".".join(map(str, minimum))
     update_hint = (
         f"update the board's kernel/OS image to one with rknpu driver >= {need} "
         "(Rockchip's 5.10/6.1 BSP kernels of 2024 or later; check your board vendor's images)"
@@ -169,8 +171,8 @@ def check_npu_driver(paths: SystemPaths = SystemPaths()) -> CheckResult:
         return CheckResult(name, WARN, f"cannot parse the NPU driver version from {text!r}",
                            hint=f"it must be v{need} or newer")
     shown = ".".join(map(str, version))
-    if version < MIN_NPU_DRIVER:
-        return CheckResult(name, FAIL, f"NPU driver {shown} is too old; librkllmrt 1.3.0 needs {need} or newer",
+    if version < minimum:
+        return CheckResult(name, FAIL, f"NPU driver {shown} is too old; {needed_by} needs {need} or newer",
                            hint=update_hint)
     return CheckResult(name, OK, f"rknpu {shown}")
 

@@ -9,10 +9,11 @@ The reference (transformers' SmolVLMProcessor + SmolVLMVideoProcessor) does:
 - prompt: the video becomes an intro naming the frame count in words and the duration (H:MM:SS),
   then per frame "\\nFrame from MM:SS:" and the frame as an unsplit image, then an outro.
 
-The strings and numbers come from the bundle's manifest "video" section (host.convert writes it from
-the checkpoint's `video_sampling` and the reference processor's constants); nothing here is typed
-from the reference. A frame becomes ordinary content items (text + image placeholders), so the
-board's prompt renderer and sequence builder handle it like any image.
+The strings and numbers come from the bundle's manifest video section (board.bundle_schema.Video;
+host.convert writes it from the checkpoint's `video_sampling` and the reference processor's
+constants); nothing here is typed from the reference. A frame becomes ordinary content items
+(text + image placeholders), so the board's prompt renderer and sequence builder handle it like
+any image.
 
 Pixel parity is not exact by construction: the reference resizes frames with torchvision (Lanczos
 from torchvision 0.27, else bicubic), the board with Pillow's Lanczos as for images.
@@ -28,6 +29,7 @@ from typing import Any, Mapping, Optional, Union
 import cv2
 import numpy as np
 
+from . import bundle_schema as S
 from .errors import BundleError, InputError
 from .tiles import MAX_IMAGE_SIDE, SplitSettings, TilePlan, longest_edge_size, resize
 
@@ -65,24 +67,19 @@ class VideoSettings:
         if not section:
             raise InputError("this bundle's model does not take video (only SmolVLM2 models do)",
                              hint="convert a SmolVLM2 checkpoint, or give frames as images")
-        missing = [k for k in ("fps", "max_frames", "video_size", "intro", "frame_timestamp", "outro") if k not in section]
-        if missing:
-            raise BundleError(f"the manifest's video section lacks {', '.join(missing)}",
-                              hint="re-create the bundle with a host.convert that writes the video section")
-        try:
-            settings = cls(
-                fps=float(section["fps"]),
-                max_frames=int(section["max_frames"]),
-                longest_edge=int(section["video_size"]["longest_edge"]),
-                intro=str(section["intro"]),
-                frame_timestamp=str(section["frame_timestamp"]),
-                outro=str(section["outro"]),
-                skip_secs=float(section.get("skip_secs", 1.0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"the manifest's video section is malformed: {exc}") from exc
-        if settings.fps <= 0 or not 1 <= settings.max_frames < 1000 or settings.longest_edge < 1:
-            raise BundleError(f"the manifest's video settings are out of range: {settings}")
+        V = S.Video
+        S.validate(section, V, f"manifest.{S.Manifest.VIDEO}")
+        settings = cls(
+            fps=float(section[V.FPS]),
+            max_frames=section[V.MAX_FRAMES],
+            longest_edge=section[V.VIDEO_SIZE][S.VideoSize.LONGEST_EDGE],
+            intro=section[V.INTRO],
+            frame_timestamp=section[V.FRAME_TIMESTAMP],
+            outro=section[V.OUTRO],
+            skip_secs=float(section.get(V.SKIP_SECS, 1.0)),
+        )
+        if settings.fps <= 0 or not 1 <= settings.max_frames < 1000:
+            raise BundleError(f"the manifest's video settings are out of range: {settings}", hint=S.REBUILD_HINT)
         return settings
 
 

@@ -1,7 +1,8 @@
 """Write a bundle's manifest: the settings the board follows and a checksum of every file.
 
-The names (files, keys, format version) live in board/bundle.py, next to the one reader the board
-and the host share; this module only assembles the values from a checkpoint and the build stages.
+The names (files, keys, format version) live in board/bundle_schema.py and board/bundle.py holds the
+one reader the board and the host share; this module only assembles the values from a checkpoint and
+the build stages, under those names.
 """
 
 from __future__ import annotations
@@ -17,47 +18,46 @@ import numpy as np
 
 from board import __version__ as PACKAGE_VERSION
 from board import bundle as B
+from board import bundle_schema as S
 from board.prompt import PromptFormat
 from board.system_checks import package_version
 from board.tiles import tokens_per_tile
 from host.checkpoint import Checkpoint
 
+M = S.Manifest
+
 
 def toolkit_versions() -> dict[str, Optional[str]]:
     """Versions of everything that shaped the bundle, recorded for diagnosis on the board."""
-    return {
-        "smolvlm-rk3588": PACKAGE_VERSION,
-        "rknn-toolkit2": package_version("rknn-toolkit2"),
-        "rkllm-toolkit": package_version("rkllm-toolkit"),
-        "transformers": package_version("transformers"),
-        "torch": package_version("torch"),
-        "onnx": package_version("onnx"),
-        "python": platform.python_version(),
-    }
+    K = S.Toolkits
+    packages = (K.RKNN_TOOLKIT2, K.RKLLM_TOOLKIT, K.TRANSFORMERS, K.TORCH, K.ONNX)  # keyed by package name
+    return {K.SMOLVLM_RK3588: PACKAGE_VERSION, **{name: package_version(name) for name in packages},
+            K.PYTHON: platform.python_version()}
 
 
 def token_entry(tokenizer, token: Optional[str]) -> Optional[dict[str, Any]]:
     if token is None:
         return None
     token_id = tokenizer.convert_tokens_to_ids(token)
-    return {"text": token, "id": int(token_id) if token_id is not None else None}
+    return {S.SpecialToken.TEXT: token, S.SpecialToken.ID: int(token_id) if token_id is not None else None}
 
 
 def tokenizer_section(tokenizer, fmt: PromptFormat) -> dict[str, Any]:
     """Special tokens by role, with ids, as this checkpoint's tokenizer defines them."""
+    K, R = S.Tokenizer, S.SpecialTokens
     image_id = tokenizer.convert_tokens_to_ids(fmt.image_token)
     return {
-        "file": B.TOKENIZER,
-        "image_token_id": int(image_id),
-        "vocab_size": len(tokenizer),
-        "special_tokens": {
-            "bos": token_entry(tokenizer, tokenizer.bos_token),
-            "eos": token_entry(tokenizer, tokenizer.eos_token),
-            "pad": token_entry(tokenizer, tokenizer.pad_token),
-            "unk": token_entry(tokenizer, tokenizer.unk_token),
-            "image": token_entry(tokenizer, fmt.image_token),
-            "fake_image": token_entry(tokenizer, fmt.fake_image_token),
-            "global_image": token_entry(tokenizer, fmt.global_image_token),
+        K.FILE: S.TOKENIZER,
+        K.IMAGE_TOKEN_ID: int(image_id),
+        K.VOCAB_SIZE: len(tokenizer),
+        K.SPECIAL_TOKENS: {
+            R.BOS: token_entry(tokenizer, tokenizer.bos_token),
+            R.EOS: token_entry(tokenizer, tokenizer.eos_token),
+            R.PAD: token_entry(tokenizer, tokenizer.pad_token),
+            R.UNK: token_entry(tokenizer, tokenizer.unk_token),
+            R.IMAGE: token_entry(tokenizer, fmt.image_token),
+            R.FAKE_IMAGE: token_entry(tokenizer, fmt.fake_image_token),
+            R.GLOBAL_IMAGE: token_entry(tokenizer, fmt.global_image_token),
         },
     }
 
@@ -81,66 +81,82 @@ def eos_token_ids(checkpoint: Checkpoint, tokenizer, end_of_turn_id: Optional[in
     return ([int(end_of_turn_id)] if end_of_turn_id is not None else []) + rest
 
 
-def model_section(checkpoint: Checkpoint) -> dict[str, Any]:
+def generation_section(checkpoint: Checkpoint, tokenizer, end_of_turn_id: Optional[int]) -> dict[str, Any]:
+    K = S.Generation
     return {
-        "id": checkpoint.model_id,
-        "revision": checkpoint.revision,
-        "model_type": checkpoint.model_type,
-        "family": checkpoint.family,
-        "tiny": checkpoint.is_tiny,
-        "note": "tiny random-weight model built offline: its answers are noise" if checkpoint.is_tiny else None,
+        K.EOS_TOKEN_IDS: eos_token_ids(checkpoint, tokenizer, end_of_turn_id),
+        K.END_OF_TURN_TOKEN: tokenizer.convert_ids_to_tokens(end_of_turn_id),
+        K.BOS_TOKEN_ID: tokenizer.bos_token_id,
+        K.PAD_TOKEN_ID: tokenizer.pad_token_id,
+    }
+
+
+def model_section(checkpoint: Checkpoint) -> dict[str, Any]:
+    K = S.Model
+    return {
+        K.ID: checkpoint.model_id,
+        K.REVISION: checkpoint.revision,
+        K.MODEL_TYPE: checkpoint.model_type,
+        K.FAMILY: checkpoint.family,
+        K.TINY: checkpoint.is_tiny,
+        K.NOTE: "tiny random-weight model built offline: its answers are noise" if checkpoint.is_tiny else None,
     }
 
 
 def embeddings_section(table: np.ndarray) -> dict[str, Any]:
-    return {"file": B.EMBEDDINGS, "dtype": str(table.dtype), "shape": list(table.shape)}
+    K = S.Embeddings
+    return {K.FILE: S.EMBEDDINGS, K.DTYPE: str(table.dtype), K.SHAPE: list(table.shape)}
 
 
 def vision_section(report: dict[str, Any]) -> dict[str, Any]:
     """What the board needs to feed vision.rknn and what the build measured (host.vision_rknn's report)."""
+    K, I = S.Vision, S.VisionInput
     geometry = report["geometry"]  # host.vision_export.VisionGeometry's fields
-    tile = int(geometry["tile"])
-    tokens = tokens_per_tile(tile, int(geometry["patch"]), int(geometry["scale_factor"]))
+    tile, patch, scale = int(geometry["tile"]), int(geometry["patch"]), int(geometry["scale_factor"])
+    tokens = tokens_per_tile(tile, patch, scale)
     accuracy = report["accuracy"]
     return {
-        "file": B.VISION_RKNN,
-        "onnx": B.VISION_ONNX,
-        "dtype": report["dtype"],
-        "layout": report["layout"],
-        "tile": tile,
-        "tokens_per_tile": tokens,
-        "input": {"shape": [1, tile, tile, 3], "dtype": "uint8", "format": "nhwc", "color": "rgb"},
-        "output_shape": [1, tokens, int(geometry["text_hidden"])],
-        "target_platform": report["target_platform"],
-        "quantization": report.get("quantization"),
-        "accuracy": {k: accuracy[k] for k in ("cosine_min", "cosine_mean", "threshold", "tiles")},
-        "est_cycles_per_tile": report.get("ops", {}).get("est_cycles_per_tile"),
+        K.FILE: S.VISION_RKNN,
+        K.ONNX: S.VISION_ONNX,
+        K.DTYPE: report["dtype"],
+        K.LAYOUT: report["layout"],
+        K.TILE: tile,
+        K.TOKENS_PER_TILE: tokens,
+        K.PATCH: patch,
+        K.SCALE_FACTOR: scale,
+        K.INPUT: {I.SHAPE: [1, tile, tile, 3], I.DTYPE: "uint8", I.FORMAT: "nhwc", I.COLOR: "rgb"},
+        K.OUTPUT_SHAPE: [1, tokens, int(geometry["text_hidden"])],
+        K.TARGET_PLATFORM: report["target_platform"],
+        K.QUANTIZATION: report.get("quantization"),
+        K.ACCURACY: {k: accuracy[k] for k in S.keys(S.VisionAccuracy)},  # the report names them alike
+        K.EST_CYCLES_PER_TILE: report.get("ops", {}).get("est_cycles_per_tile"),
     }
 
 
 def decoder_section(hf_config: dict[str, Any], *, max_context: int, rkllm: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The decoder's shape (from the extracted folder's config.json) and, when built, how decoder.rkllm was made."""
+    K = S.Decoder
     section: dict[str, Any] = {
-        "file": B.DECODER_RKLLM if rkllm else None,
-        "hf_folder": B.DECODER_HF,
-        "hidden_size": int(hf_config["hidden_size"]),
-        "vocab_size": int(hf_config["vocab_size"]),
-        "num_hidden_layers": int(hf_config["num_hidden_layers"]),
-        "max_context": int(max_context),
-        "max_position_embeddings": int(hf_config["max_position_embeddings"]),
+        K.FILE: S.DECODER_RKLLM if rkllm else None,
+        K.HF_FOLDER: S.DECODER_HF,
+        K.HIDDEN_SIZE: int(hf_config["hidden_size"]),
+        K.VOCAB_SIZE: int(hf_config["vocab_size"]),
+        K.NUM_HIDDEN_LAYERS: int(hf_config["num_hidden_layers"]),
+        K.MAX_CONTEXT: int(max_context),
+        K.MAX_POSITION_EMBEDDINGS: int(hf_config["max_position_embeddings"]),
     }
     if rkllm:
-        options = rkllm["options"]
-        section.update(
-            toolkit=rkllm.get("toolkit"),
-            quantized_dtype=options["quantized_dtype"],
-            quantized_algorithm=options["quantized_algorithm"],
-            target_platform=options["target_platform"],
-            num_npu_core=options["num_npu_core"],
-            accuracy={k: v for k, v in (rkllm.get("accuracy") or {}).items() if k not in ("samples", "not_measured")},
-        )
+        options = rkllm["options"]  # host.decoder_rkllm.RKLLMOptions' fields
+        section.update({
+            K.TOOLKIT: rkllm.get("toolkit"),
+            K.QUANTIZED_DTYPE: options["quantized_dtype"],
+            K.QUANTIZED_ALGORITHM: options["quantized_algorithm"],
+            K.TARGET_PLATFORM: options["target_platform"],
+            K.NUM_NPU_CORE: options["num_npu_core"],
+            K.ACCURACY: {k: v for k, v in (rkllm.get("accuracy") or {}).items() if k not in ("samples", "not_measured")},
+        })
     else:
-        section["missing"] = "converted with --skip-decoder: no decoder.rkllm (x86 emulation uses hf_folder)"
+        section[K.MISSING] = "converted with --skip-decoder: no decoder.rkllm (x86 emulation uses hf_folder)"
     return section
 
 
@@ -152,13 +168,14 @@ def video_section(checkpoint: Checkpoint) -> Optional[dict[str, Any]]:
         return None
     from transformers.models.smolvlm import processing_smolvlm as ref
 
+    K = S.Video
     return {
-        "fps": sampling["fps"],
-        "max_frames": sampling["max_frames"],
-        "video_size": sampling["video_size"],
-        "intro": ref.DEFAULT_VIDEO_INTRO,
-        "frame_timestamp": ref.FRAME_TIMESTAMP_MESSAGE,
-        "outro": ref.DEFAULT_MEDIA_OUTTRO,
+        K.FPS: sampling["fps"],
+        K.MAX_FRAMES: sampling["max_frames"],
+        K.VIDEO_SIZE: sampling["video_size"],
+        K.INTRO: ref.DEFAULT_VIDEO_INTRO,
+        K.FRAME_TIMESTAMP: ref.FRAME_TIMESTAMP_MESSAGE,
+        K.OUTRO: ref.DEFAULT_MEDIA_OUTTRO,
     }
 
 
@@ -178,32 +195,33 @@ def write_manifest(
     """Checksum every file of the bundle and write manifest.json (atomically, last: a bundle without a
     manifest is visibly unfinished)."""
     root = Path(root)
-    board_files = [B.VISION_RKNN, B.EMBEDDINGS, B.TOKENIZER]
-    if decoder.get("file"):
-        board_files.append(B.DECODER_RKLLM)
-    host_files = [rel for rel in (B.VISION_ONNX, B.DECODER_HF, *extra_files) if (root / rel).exists()]
+    board_files = [S.VISION_RKNN, S.EMBEDDINGS, S.TOKENIZER]
+    if decoder.get(S.Decoder.FILE):
+        board_files.append(S.DECODER_RKLLM)
+    host_files = [rel for rel in (S.VISION_ONNX, S.DECODER_HF, *extra_files) if (root / rel).exists()]
     missing = [rel for rel in board_files if not (root / rel).is_file()]
     if missing:
         raise FileNotFoundError(f"cannot write the manifest: missing {', '.join(missing)} in {root}")
     manifest = {
-        B.K_FORMAT: B.FORMAT_NAME,
-        B.K_VERSION: B.FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        B.K_MODEL: model_section(checkpoint),
-        B.K_TARGET: {"platform": "rk3588", "npu_driver_min": "0.9.8", "librkllmrt": "1.3.0"},
-        B.K_TOOLKITS: toolkit_versions(),
-        B.K_VISION: vision,
-        B.K_DECODER: decoder,
-        B.K_EMBEDDINGS: embeddings,
-        B.K_TOKENIZER: tokenizer_info,
-        B.K_PROMPT: prompt_format.to_dict(),
-        B.K_PREPROCESSOR: checkpoint.preprocessor,
-        B.K_GENERATION: generation,
-        B.K_FILES: B.file_entries(root, board_files + host_files),
+        M.FORMAT: S.FORMAT_NAME,
+        M.VERSION: S.FORMAT_VERSION,
+        M.CREATED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        M.MODEL: model_section(checkpoint),
+        M.TARGET: B.runtime_target(),
+        M.TOOLKITS: toolkit_versions(),
+        M.VISION: vision,
+        M.DECODER: decoder,
+        M.EMBEDDINGS: embeddings,
+        M.TOKENIZER: tokenizer_info,
+        M.PROMPT: prompt_format.to_dict(),
+        M.PREPROCESSOR: checkpoint.preprocessor,
+        M.GENERATION: generation,
+        M.FILES: B.file_entries(root, board_files + host_files),
     }
     if video:
-        manifest[B.K_VIDEO] = video
-    tmp = root / (B.MANIFEST + ".tmp")
+        manifest[M.VIDEO] = video
+    S.validate(manifest)  # what the reader would refuse is not written
+    tmp = root / (S.MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, root / B.MANIFEST)
+    os.replace(tmp, root / S.MANIFEST)
     return manifest

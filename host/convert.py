@@ -42,6 +42,7 @@ import numpy as np
 
 from board import __version__ as PACKAGE_VERSION
 from board import bundle as B
+from board import bundle_schema as S
 from board.errors import InputError, SmolVLMError
 from board.prompt import PromptFormat
 
@@ -55,6 +56,7 @@ DECODER_MAX_ABS_DIFF = 1e-3
 # pixel parity of the board front end vs the reference processor, as in the front-end tests
 PIXEL_MEAN_TOL, PIXEL_MAX_TOL = 0.01, 0.1
 SELF_CHECK_QUESTION = "What is in this image?"
+M = S.Manifest
 
 
 class SelfCheckError(SmolVLMError):
@@ -257,7 +259,7 @@ class Job:
 
 def stage_text(job: Job) -> dict[str, Any]:
     """Prompt format (derived from the template and checked), tokenizer.json and the fp16 table."""
-    from host.bundle_writer import eos_token_ids, tokenizer_section, video_section
+    from host.bundle_writer import embeddings_section, generation_section, tokenizer_section, video_section
     from host.decoder_export import end_of_turn_token_id
     from host.prompt_format import prompt_format_from_processor, tokenizer_json
 
@@ -270,18 +272,12 @@ def stage_text(job: Job) -> dict[str, Any]:
         raise InputError("the embedding table does not fit float16 (inf/nan or values beyond 65504)")
     table = weights.astype(np.float16)
     np.save(job.root / B.EMBEDDINGS, table)
-    end_of_turn = end_of_turn_token_id(fmt, tokenizer)
-    return {
-        "prompt_format": fmt.to_dict(),
-        "tokenizer": tokenizer_section(tokenizer, fmt),
-        "embeddings": {"file": B.EMBEDDINGS, "dtype": str(table.dtype), "shape": list(table.shape)},
-        "generation": {
-            "eos_token_ids": eos_token_ids(ck, tokenizer, end_of_turn),
-            "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn),
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        "video": video_section(ck),
+    return {  # the manifest's sections, under their keys
+        M.PROMPT: fmt.to_dict(),
+        M.TOKENIZER: tokenizer_section(tokenizer, fmt),
+        M.EMBEDDINGS: embeddings_section(table),
+        M.GENERATION: generation_section(ck, tokenizer, end_of_turn_token_id(fmt, tokenizer)),
+        M.VIDEO: video_section(ck),
     }
 
 
@@ -298,10 +294,10 @@ def stage_decoder(job: Job, text: dict[str, Any]) -> dict[str, Any]:
     if folder.exists():
         shutil.rmtree(folder)
     info = export_decoder(
-        job.model, job.processor.tokenizer, folder, eos_ids=text["generation"]["eos_token_ids"],
+        job.model, job.processor.tokenizer, folder, eos_ids=text[M.GENERATION][S.Generation.EOS_TOKEN_IDS],
         dtype=source_dtype(ck.config), source={"model": ck.model_id, "revision": ck.revision},
     )
-    fmt = PromptFormat.from_dict(text["prompt_format"])
+    fmt = PromptFormat.from_dict(text[M.PROMPT])
     tokenizer = Tokenizer.from_file(str(job.root / B.TOKENIZER))
     messages = [{"role": "user", "content": "Describe the picture, then list three colours."}]
     ids = tokenizer.encode(render_chat(messages, fmt)).ids
@@ -333,13 +329,13 @@ def stage_calibration(job: Job, text: dict[str, Any]) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(job.root / B.TOKENIZER))
     settings, tower = job.settings, job.tower
     builder = SequenceBuilder(
-        fmt=PromptFormat.from_dict(text["prompt_format"]), tokenizer=tokenizer,
-        image_token_id=text["tokenizer"]["image_token_id"], settings=settings,
+        fmt=PromptFormat.from_dict(text[M.PROMPT]), tokenizer=tokenizer,
+        image_token_id=text[M.TOKENIZER][S.Tokenizer.IMAGE_TOKEN_ID], settings=settings,
         table=np.load(job.root / B.EMBEDDINGS), features=lambda tiles: reference_features(tower, tiles, settings),
     )
     return build_decoder_calibration(
         job.root / B.HOST_DIR, builder=builder, decoder=load_decoder(job.root / B.DECODER_HF), tokenizer=tokenizer,
-        eos_ids=text["generation"]["eos_token_ids"], images=job.calibration_images(),
+        eos_ids=text[M.GENERATION][S.Generation.EOS_TOKEN_IDS], images=job.calibration_images(),
         holdout_images=job.holdout_images(), calibration_tiles=job.args.decoder_calibration_tiles,
         max_new_tokens=job.args.decoder_target_tokens, sample_layout=job.args.decoder_sample_layout,
         progress=lambda message: job.log(f"calibration: {message}"),
@@ -381,16 +377,17 @@ def stage_manifest(job: Job, text: dict[str, Any], vision: dict[str, Any], rkllm
     manifest = write_manifest(
         job.root,
         checkpoint=job.checkpoint,
-        prompt_format=PromptFormat.from_dict(text["prompt_format"]),
-        tokenizer_info=text["tokenizer"],
+        prompt_format=PromptFormat.from_dict(text[M.PROMPT]),
+        tokenizer_info=text[M.TOKENIZER],
         vision=vision["section"],
         decoder=decoder_section(hf_config, max_context=max_context, rkllm=rkllm),
-        embeddings=text["embeddings"],
-        generation=text["generation"],
-        video=text.get("video"),
+        embeddings=text[M.EMBEDDINGS],
+        generation=text[M.GENERATION],
+        video=text.get(M.VIDEO),
     )
-    board_bytes = sum(e["bytes"] for rel, e in manifest[B.K_FILES].items() if not rel.startswith(B.HOST_DIR + "/"))
-    return {"files": len(manifest[B.K_FILES]), "board_mb": round(board_bytes / 1e6, 1)}
+    files = manifest[M.FILES]
+    board_bytes = sum(e[S.FileEntry.BYTES] for rel, e in files.items() if not rel.startswith(S.HOST_DIR + "/"))
+    return {"files": len(files), "board_mb": round(board_bytes / 1e6, 1)}
 
 
 def self_check_conversations(image: Path) -> list[tuple[list[dict[str, Any]], list[Path]]]:

@@ -20,6 +20,7 @@ from test_pipeline_support import skip_without_rknn_toolkit  # noqa: E402
 skip_without_rknn_toolkit()
 
 from board import bundle as B  # noqa: E402
+from board import bundle_schema as S  # noqa: E402
 from host import convert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,9 @@ def test_tiny_end_to_end_without_rkllm_toolkit(first_run):
     assert bundle.is_tiny and not bundle.has_decoder and bundle.max_context == convert.DEFAULT_MAX_CONTEXT
     assert bundle.vision["dtype"] == "fp16" and bundle.vision["accuracy"]["cosine_min"] >= 0.999
     assert bundle.vision["tokens_per_tile"] == bundle.prompt_format.image_seq_len == 64
+    # the geometry tokens_per_tile derives from, which Bundle checks it against: 512px / 16px patches, 4x4 merged
+    assert (bundle.vision[S.Vision.PATCH], bundle.vision[S.Vision.SCALE_FACTOR]) == (16, 4)
+    assert bundle.manifest[S.Manifest.TARGET] == B.runtime_target()
     assert (out / B.VISION_ONNX).is_file() and (out / B.DECODER_HF / "config.json").is_file()
     assert bundle.verify_host_files(B.DECODER_HF) and bundle.verify_host_files(B.VISION_ONNX)
     assert not (out / B.DECODER_RKLLM).exists()
@@ -186,7 +190,7 @@ def test_self_check_refuses_a_bundle_that_does_not_reproduce_the_reference(first
     out = tmp_path / "copy"
     shutil.copytree(first_run["out"], out)
     manifest = json.loads((out / B.MANIFEST).read_text())
-    manifest[B.K_PROMPT]["generation_prompt"] += " "
+    manifest[S.Manifest.PROMPT][S.Prompt.GENERATION_PROMPT] += " "
     (out / B.MANIFEST).write_text(json.dumps(manifest))
     args = argparse.Namespace(tiny="256m", model=None, revision=None, calibration=None)
     job = convert.Job(args, out, convert.Log(quiet=True))

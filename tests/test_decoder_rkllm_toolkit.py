@@ -151,10 +151,11 @@ def test_real_toolkit_builds_and_measures_the_tiny_decoder(tiny_checkpoint, tmp_
 @needs_toolkit
 def test_real_toolkit_through_the_convert_command(tmp_path):
     from board import bundle as B
+    from board import bundle_schema as S
     from host import convert
 
     code = convert.main(["--tiny", "256m", "--out", str(tmp_path / "b"), "--max-context", "512",
                          "--decoder-calibration-tiles", "8", "--decoder-target-tokens", "4", "--quiet"])
     assert code == 0
     bundle = B.Bundle.open(tmp_path / "b", need_decoder=True)
-    assert bundle.has_decoder and bundle.manifest[B.K_DECODER]["quantized_dtype"] == "w8a8"
+    assert bundle.has_decoder and bundle.manifest[S.Manifest.DECODER][S.Decoder.QUANTIZED_DTYPE] == "w8a8"

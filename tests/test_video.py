@@ -135,7 +135,7 @@ def test_video_errors(tmp_path):
         read_video(tmp_path / "bad.mp4", settings)
     with pytest.raises(InputError, match="does not take video"):
         VideoSettings.from_manifest(None)
-    with pytest.raises(BundleError, match="lacks intro"):
+    with pytest.raises(BundleError, match=r"manifest\.video\.intro is missing"):
         VideoSettings.from_manifest({k: v for k, v in video_section().items() if k != "intro"})
 
 
