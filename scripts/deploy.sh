@@ -8,7 +8,7 @@
 #
 # What goes to DEST (default ~/smolvlm on the board):
 #   board/ scripts/ setup.cfg pyproject.toml README.md   the runtime, its installer and the board scripts
-#   tests/ (only the on-board tests: conftest.py, test_pipeline_support.py, test_board_rk3588.py,
+#   tests/ (only the on-board tests: conftest.py, support.py, test_board_rk3588.py,
 #          test_latency_rk3588.py, rk3588_budgets.json)
 #   bundles/NAME/    the bundle, without its host/ folder (x86 emulation files and build reports,
 #                    not needed on the board) unless --with-host
@@ -104,7 +104,7 @@ say "code to $TO"
 remote "mkdir -p $q/tests $q/bundles"
 "${RSYNC[@]}" board scripts "$TO/"
 "${RSYNC[@]}" setup.cfg pyproject.toml README.md "$TO/"
-"${RSYNC[@]}" tests/conftest.py tests/test_pipeline_support.py tests/test_board_rk3588.py \
+"${RSYNC[@]}" tests/conftest.py tests/support.py tests/test_board_rk3588.py \
     tests/test_latency_rk3588.py tests/rk3588_budgets.json "$TO/tests/"
 
 for b in "${BUNDLES[@]+"${BUNDLES[@]}"}"; do

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny SmolVLM checkpoints built offline, once per test session."""
+"""Shared fixtures: tiny SmolVLM checkpoints built offline and their converted bundle, once per test
+session, and a few test images. The helpers behind them are in tests/support.py."""
 
 from __future__ import annotations
 
@@ -29,6 +30,24 @@ def tiny_checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny 256m checkpoint converted by host.convert --skip-decoder (what an x86 user has)."""
+    from support import tiny_bundle_for
+
+    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Three small synthetic photos of different shapes (wide, tall, square)."""
+    from support import write_image
+
+    d = tmp_path_factory.mktemp("images")
+    return {"wide": write_image(d / "wide.png", 600, 900, 1), "tall": write_image(d / "tall.png", 700, 400, 2),
+            "small": write_image(d / "small.png", 300, 300, 3)}
 
 
 BOARD_BUNDLE_ENV = "SMOLVLM_BUNDLE"

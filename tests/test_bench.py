@@ -31,15 +31,10 @@ from board.bench import (  # noqa: E402
 )
 from board.tiles import SplitSettings, plan_tiles  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
-from test_pipeline_support import ROOT, tiny_bundle_for  # noqa: E402
+from support import ROOT  # noqa: E402
 
 BUDGETS = json.loads((ROOT / "tests" / "rk3588_budgets.json").read_text())
 RUNS = 2
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint):
-    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
 
 
 @pytest.fixture(scope="module")

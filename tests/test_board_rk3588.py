@@ -28,7 +28,7 @@ pytestmark = pytest.mark.rk3588
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> Path:
-    from test_pipeline_support import write_image
+    from support import write_image
 
     return write_image(tmp_path_factory.mktemp("board") / "photo.png", 1080, 1440, 5)
 

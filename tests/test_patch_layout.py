@@ -27,7 +27,6 @@ from board.tiles import SplitSettings, normalize_tiles, patchify, split_image  #
 from board.vision import FEEDS, tile_feed  # noqa: E402
 from host.checkpoint import load_checkpoint  # noqa: E402
 from host.vision_export import export_onnx, get_layout, load_vision_tower, run_onnx  # noqa: E402
-from test_pipeline_support import images  # noqa: E402,F401  (the session fixture of test images)
 
 LAYOUT_TOLERANCE = 1e-4  # fp32, ONNX Runtime: patch rows + folded MatMul vs normalization + Conv
 # tile, patch, rows, row length (p*p*3 padded to 16: the toolkit keeps the input Reshape on the NPU)
@@ -228,7 +227,7 @@ def test_both_layouts_give_the_reference_greedy_tokens(bundles, tiny_checkpoint,
     """The front end follows the recorded layout: same tokens as each other and as transformers' generate()."""
     from board.decoder import SamplingParams
     from board.pipeline import Pipeline
-    from test_pipeline_support import CHAT_QUESTION, Oracle
+    from support import CHAT_QUESTION, Oracle
 
     oracle = Oracle(tiny_checkpoint("256m"))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CHAT_QUESTION}]}]

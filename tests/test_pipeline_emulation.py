@@ -22,8 +22,8 @@ from board.pipeline import ContextFull, Pipeline  # noqa: E402
 from board.sequence import build_sequence, stack_rows  # noqa: E402
 from board.tiles import TilePlan, budget_settings, plan_tiles  # noqa: E402
 from board.vision import EncodedImage, VisionCache  # noqa: E402
-from test_pipeline_support import CHAT_QUESTION as Q  # noqa: E402
-from test_pipeline_support import Oracle, images, stopping_video_setup, tiny_bundle_for  # noqa: E402,F401
+from support import CHAT_QUESTION as Q  # noqa: E402
+from support import Oracle, stopping_video_setup, tiny_bundle_for  # noqa: E402
 
 MAX_NEW = 16
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW)

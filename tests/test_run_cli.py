@@ -21,14 +21,9 @@ pytest.importorskip("onnxruntime")
 
 from board.errors import ImageError, PromptError  # noqa: E402
 from board.run import build_parser, main, sampling_from_args  # noqa: E402
-from test_pipeline_support import ROOT, Oracle, images, json_answer, run_cli, tiny_bundle_for  # noqa: E402,F401
+from support import ROOT, Oracle, json_answer, run_cli  # noqa: E402
 
 Q = "What is in this image?"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint):
-    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
 
 
 def _error_line(result, status=1):

@@ -33,18 +33,13 @@ from board.decoder import SamplingParams  # noqa: E402
 from board.openai_schemas import APIError, AnswerText, Limits, parse_chat_request, sampling_params  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
 from board.serve import API_KEY_ENV, SEQ_HEADER, Job, Worker  # noqa: E402
-from test_pipeline_support import ROOT, images, tiny_bundle_for, write_image  # noqa: E402,F401
+from support import ROOT, write_image  # noqa: E402
 
 KEY = "test-key-123"
 Q = "What is in this image?"
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint):
-    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from board.video import (
     SampledVideo, VideoSettings, frame_plan, frame_tile, number_words, read_video, sample_frame_indices, video_items,
 )
 
-from test_pipeline_support import images  # noqa: E402,F401
 
 smolvlm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
 video_processing = pytest.importorskip("transformers.models.smolvlm.video_processing_smolvlm")
@@ -147,7 +146,7 @@ def test_video_end_to_end_in_emulation(tmp_path, tmp_path_factory, tiny_checkpoi
 
     from board.pipeline import Pipeline
     from board.decoder import SamplingParams
-    from test_pipeline_support import Oracle, stopping_video_setup
+    from support import Oracle, stopping_video_setup
 
     variant = stopping_video_setup(tmp_path_factory, tiny_checkpoint, images["wide"])
     clip = write_video(tmp_path / "clip.avi")

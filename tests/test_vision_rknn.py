@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from test_pipeline_support import skip_without_rknn_toolkit  # noqa: E402
+from support import skip_without_rknn_toolkit  # noqa: E402
 
 skip_without_rknn_toolkit()
 

@@ -157,7 +157,7 @@ def test_onnx_encoder_matches_the_pytorch_reference(tmp_path_factory, tiny_check
     from board.vision import OnnxVisionEncoder
     from host.checkpoint import load_checkpoint
     from host.vision_export import load_vision_tower, reference_features
-    from test_pipeline_support import tiny_bundle_for
+    from support import tiny_bundle_for
 
     bundle = Bundle.open(tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m"))
     settings = bundle.split_settings

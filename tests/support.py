@@ -1,5 +1,6 @@
-"""Tiny bundles for the pipeline tests, converted once per session with host.convert, and the
-transformers oracle beside them.
+"""Helpers the test modules share (not a test module): tiny bundles converted once per session with
+host.convert, the transformers oracle beside them, test images and the CLI runner.
+The fixtures built on them (`tiny_checkpoint`, `bundle`, `images`) are in conftest.py.
 
 `python -m host.convert --skip-decoder` makes what an x86 user has: the board files (a real fp16
 vision.rknn, never run here), host/vision.onnx and host/decoder, which emulation runs.
@@ -141,12 +142,6 @@ def write_image(path: Path, h: int, w: int, seed: int) -> Path:
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
     return path
 
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: Any) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("images")
-    return {"wide": write_image(d / "wide.png", 600, 900, 1), "tall": write_image(d / "tall.png", 700, 400, 2),
-            "small": write_image(d / "small.png", 300, 300, 3)}
 
 
 def json_answer(result: Any) -> dict:
