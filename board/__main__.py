@@ -24,7 +24,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"python -m board: unknown command '{command}'; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command]).main(rest)
+    program, sys.argv[0] = sys.argv[0], f"python -m board {command}"  # its --help names it as typed
+    try:
+        return importlib.import_module(COMMANDS[command]).main(rest)
+    finally:
+        sys.argv[0] = program
 
 
 if __name__ == "__main__":

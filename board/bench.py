@@ -48,6 +48,8 @@ from board.system_checks import SystemPaths, package_version, parse_version, rea
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
 SCHEMA = "smolvlm-rk3588-bench/1"
+# Per-stage latency budgets for known models (Rockchip's figures + headroom), shipped with the package.
+BUDGETS_FILE = Path(__file__).with_name("rk3588_budgets.json")
 DEFAULT_PROMPT = "Describe this image in detail."
 DEFAULT_IMAGE_SIDE = 2048
 DEFAULT_NEW_TOKENS = 64
@@ -326,7 +328,7 @@ def render_text(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="smolvlm-bench", description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0],
         epilog="The workload is described in board/bench.py's docstring and the README (Benchmarks). "
         "Pin the clocks first for comparable numbers: sudo scripts/board_clocks.sh pin.",
     )
@@ -344,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel",
                         help="NPU core mode of the image request (every mode is measured for vision_ms_per_tile)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
-    parser.add_argument("--budgets", metavar="FILE", help="check the medians against a budgets file "
-                        "(tests/rk3588_budgets.json); exit status 3 names each stage over budget")
+    parser.add_argument("--budgets", metavar="FILE", nargs="?", const=str(BUDGETS_FILE),
+                        help="check the medians against a budgets file (without FILE: the package's own, "
+                        f"{BUDGETS_FILE.name}); exit status 3 names each stage over budget")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 

@@ -45,7 +45,6 @@ new message, and a notice on stderr says so."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="smolvlm-run",
         description=textwrap.dedent("""\
             Ask a SmolVLM bundle about images or a video; the answer streams to stdout.
             On an RK3588 the vision model runs on the NPU (rknnlite) and the language model in

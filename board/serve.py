@@ -440,7 +440,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="smolvlm-server", description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0],
         epilog=f"API key: --api-key or ${API_KEY_ENV} (preferred: it stays out of the process list). "
         "Images: base64 data: URLs; local files only under --image-dir; remote URLs are never fetched.",
     )

@@ -259,7 +259,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m board.system_checks`: print every check, then what to do; exit with exit_status()."""
     codes = ", ".join(f"{code} {name}" for name, code in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
-        prog="python -m board.system_checks",
         description="Check that this board can run a bundle: RK3588, NPU driver, librknnrt + rknnlite, librkllmrt.",
         epilog=f"Exit status: {EXIT_READY} ready; {EXIT_UNEXPECTED} unexpected error; 2 bad arguments; "
         f"otherwise the first check that failed: {codes}.",
@@ -288,4 +287,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.argv[0] = "python -m board.system_checks"  # the usage line names the command as typed
     sys.exit(main())

@@ -22,6 +22,7 @@ from board import bundle_schema as S
 from board.prompt import PromptFormat
 from board.system_checks import package_version
 from board.tiles import tokens_per_tile
+from board.vision import tile_feed
 from host.checkpoint import Checkpoint
 
 M = S.Manifest
@@ -108,9 +109,17 @@ def embeddings_section(table: np.ndarray) -> dict[str, Any]:
     return {K.FILE: S.EMBEDDINGS, K.DTYPE: str(table.dtype), K.SHAPE: list(table.shape)}
 
 
+def npu_input_section(layout: str, tile: int) -> dict[str, Any]:
+    """What rknnlite is fed for one tile in this layout (board.vision's registry): an NHWC uint8 image
+    for `conv`, the uint8 patch rows [1, patches, row] for `patches<p>`."""
+    I, feed = S.VisionInput, tile_feed(layout)
+    shape = [1, tile, tile, 3] if feed.npu_data_format == "nhwc" else [1, *feed.input_shape(tile)[-2:]]
+    return {I.SHAPE: shape, I.DTYPE: "uint8", I.FORMAT: feed.npu_data_format or "patch_rows", I.COLOR: "rgb"}
+
+
 def vision_section(report: dict[str, Any]) -> dict[str, Any]:
     """What the board needs to feed vision.rknn and what the build measured (host.vision_rknn's report)."""
-    K, I = S.Vision, S.VisionInput
+    K = S.Vision
     geometry = report["geometry"]  # host.vision_export.VisionGeometry's fields
     tile, patch, scale = int(geometry["tile"]), int(geometry["patch"]), int(geometry["scale_factor"])
     tokens = tokens_per_tile(tile, patch, scale)
@@ -124,7 +133,7 @@ def vision_section(report: dict[str, Any]) -> dict[str, Any]:
         K.TOKENS_PER_TILE: tokens,
         K.PATCH: patch,
         K.SCALE_FACTOR: scale,
-        K.INPUT: {I.SHAPE: [1, tile, tile, 3], I.DTYPE: "uint8", I.FORMAT: "nhwc", I.COLOR: "rgb"},
+        K.INPUT: npu_input_section(report["layout"], tile),
         K.OUTPUT_SHAPE: [1, tokens, int(geometry["text_hidden"])],
         K.TARGET_PLATFORM: report["target_platform"],
         K.QUANTIZATION: report.get("quantization"),

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
+from board.system_checks import PLATFORM
 from host.toolkit_console import heartbeat, require_conversion_host, toolkit_output
 
 MAX_CONTEXT_LIMIT = 16384  # rkllm-toolkit 1.3.0: at most 16384, a multiple of 32
@@ -54,7 +55,7 @@ class RKLLMOptions:
     quantized_dtype: str = "w8a8"
     quantized_algorithm: str = "normal"
     optimization_level: int = 1
-    target_platform: str = "rk3588"
+    target_platform: str = PLATFORM
     num_npu_core: int = 3
     load_dtype: str = "float32"
 

@@ -9,7 +9,7 @@
 # What goes to DEST (default ~/smolvlm on the board):
 #   board/ scripts/ setup.cfg pyproject.toml README.md   the runtime, its installer and the board scripts
 #   tests/ (only the on-board tests: conftest.py, support.py, test_board_rk3588.py,
-#          test_latency_rk3588.py, rk3588_budgets.json)
+#          test_latency_rk3588.py; the budgets ship in board/)
 #   bundles/NAME/    the bundle, without its host/ folder (x86 emulation files and build reports,
 #                    not needed on the board) unless --with-host
 # Only those paths are synchronised (rsync --delete inside them, so stale files go); nothing else in
@@ -103,9 +103,9 @@ q=$(printf '%q' "$DEST")
 say "code to $TO"
 remote "mkdir -p $q/tests $q/bundles"
 "${RSYNC[@]}" board scripts "$TO/"
-"${RSYNC[@]}" setup.cfg pyproject.toml README.md "$TO/"
+"${RSYNC[@]}" setup.cfg pyproject.toml README.md LICENSE "$TO/"
 "${RSYNC[@]}" tests/conftest.py tests/support.py tests/test_board_rk3588.py \
-    tests/test_latency_rk3588.py tests/rk3588_budgets.json "$TO/tests/"
+    tests/test_latency_rk3588.py "$TO/tests/"
 
 for b in "${BUNDLES[@]+"${BUNDLES[@]}"}"; do
     name=$(basename "$(cd "$b" && pwd)")

@@ -33,7 +33,7 @@ from board.tiles import SplitSettings, plan_tiles  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 from support import ROOT  # noqa: E402
 
-BUDGETS = json.loads((ROOT / "tests" / "rk3588_budgets.json").read_text())
+BUDGETS = json.loads((ROOT / "board" / "rk3588_budgets.json").read_text())
 RUNS = 2
 
 
@@ -111,7 +111,7 @@ def test_budget_entries_match_the_bundle_geometry(bundle):
 
 def test_budgets_option_refuses_a_model_without_budgets_before_running(bundle):
     result = subprocess.run([sys.executable, str(ROOT / "board" / "bench.py"), "--bundle", str(bundle), "--emulate",
-                             "--budgets", str(ROOT / "tests" / "rk3588_budgets.json")],
+                             "--budgets", str(ROOT / "board" / "rk3588_budgets.json")],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1 and "has no budgets for this model" in result.stderr
     assert "[bench] loading" not in result.stderr

@@ -6,7 +6,7 @@
 
 The bench runs once per session (SMOLVLM_BENCH_RUNS runs, default 3; its JSON is printed, and
 written to $SMOLVLM_BENCH_OUT if set); each stage's median is then checked against
-tests/rk3588_budgets.json, so a regression fails exactly the stage that regressed, with the measured
+board/rk3588_budgets.json, so a regression fails exactly the stage that regressed, with the measured
 median, its spread and the budget in the message. Skipped (with the reason) off the board, and for
 a model that has no budgets entry.
 """
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from board.bench import budget_entry, check_budget, run_bench
+from board.bench import BUDGETS_FILE, budget_entry, check_budget, run_bench
 
 RUNS_ENV, OUT_ENV = "SMOLVLM_BENCH_RUNS", "SMOLVLM_BENCH_OUT"
-BUDGETS_FILE = Path(__file__).resolve().parent / "rk3588_budgets.json"
 BUDGETS = json.loads(BUDGETS_FILE.read_text())
 STAGES = sorted({key for model in BUDGETS["models"] for key in model["budgets"]})
 

@@ -242,3 +242,14 @@ def test_both_layouts_give_the_reference_greedy_tokens(bundles, tiny_checkpoint,
             rows[layout] = pipeline.vision.encode(tiles)
     assert answers["patches"] == answers["conv"] == expected
     assert np.abs(rows["patches"] - rows["conv"]).max() <= LAYOUT_TOLERANCE
+
+
+@pytest.mark.parametrize("layout,tile", [("conv", 512), ("patches16", 512), ("patches14", 384)])
+def test_manifest_input_is_what_the_npu_is_fed(layout, tile):
+    """vision.input in the manifest describes the array rknnlite really gets in that layout."""
+    from board.vision import tile_feed
+    from host.bundle_writer import npu_input_section
+
+    fed = tile_feed(layout).npu_input(np.zeros((tile, tile, 3), np.uint8))
+    section = npu_input_section(layout, tile)
+    assert section["shape"] == list(fed.shape) and section["dtype"] == str(fed.dtype)
