@@ -408,8 +408,8 @@ class ServerRunner:
                 delay = retry_after(response.headers.get("retry-after"))
             failures += 1
             if failures > self.retries:
-                raise BatchError(f"{problem} (gave up after {self.retries} retries; rerun the same command to "
-                                 "continue)")
+                raise BatchError(f"{problem} (failed {failures} time{'s' if failures > 1 else ''} in a row; "
+                                 "rerun the same command to continue)")
             self._count("failed")
             self._sleep(halt, delay if delay is not None else min(2.0 ** (failures - 1), 30.0))
 
