@@ -2,7 +2,8 @@
 
     python -m board batch --bundle ~/smolvlm-256m --images ~/photos --prompt "Describe this image." --out photos.jsonl
     python -m board batch --bundle out/bundle --emulate --images 'scans/**/*.png' --prompt "..." --out scans.jsonl
-    python -m board batch --server http://127.0.0.1:8000 --concurrency 6 --images ~/photos --prompt "..." --out photos.jsonl
+    python -m board batch --server http://127.0.0.1:8000 --concurrency 6 --images ~/photos --prompt "..." \
+        --out photos.jsonl
 
 Each line: `image` (the path relative to the folder, or to the glob's fixed part), `answer`,
 `finish_reason` (stop | length), `tiles`, `ms` (per-stage milliseconds), `tokens`, `error` (null, or
@@ -636,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
             after the server's Retry-After; connection failures and other 5xx --retries times; any
             other refusal stops the batch with the server's message. Key: --api-key or ${API_KEY_ENV}.
 
-            Exit status: {EXIT_OK} every image has its line, {EXIT_ERROR} stopped by an error, {EXIT_USAGE} bad arguments or
-            settings mismatch, {EXIT_INTERRUPTED} interrupted (rerun to continue)."""),
+            Exit status: {EXIT_OK} every image has its line, {EXIT_ERROR} stopped by an error,
+            {EXIT_USAGE} bad arguments or settings mismatch, {EXIT_INTERRUPTED} interrupted (rerun to continue)."""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = parser.add_mutually_exclusive_group(required=True)
@@ -732,8 +733,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.force:
             results.check_settings(settings)
         already = len(items) - len([i for i in items if i.key not in results.done_keys(settings)])
-        say(f"batch: {len(items)} images in {args.images}" + (f" ({ignored} other file{'s' if ignored > 1 else ''} ignored)" if ignored else "")
-            + f"; {already} already in {args.out}, {len(items) - already} to do; {runner.describe}")
+        others = f" ({ignored} other file{'s' if ignored > 1 else ''} ignored)" if ignored else ""
+        say(f"batch: {len(items)} images in {args.images}{others}; {already} already in {args.out}, "
+            f"{len(items) - already} to do; {runner.describe}")
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         try:
             summary = run_batch(runner, items, results, settings, progress=progress, say=say)

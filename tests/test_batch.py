@@ -178,7 +178,8 @@ def test_local_batch_and_force(pipeline, folder, expected, tmp_path):
     other = {**settings, "prompt": "Describe it."}  # what --force does: the old lines stay, new ones appended
     first = out.read_bytes()
     forced = Results(out)
-    summary = run_batch(LocalRunner(pipeline, "Describe it.", max_tiles=1, max_new_tokens=MAX_NEW), items, forced, other)
+    runner = LocalRunner(pipeline, "Describe it.", max_tiles=1, max_new_tokens=MAX_NEW)
+    summary = run_batch(runner, items, forced, other)
     forced.close()
     assert summary.answered == 6 and out.read_bytes().startswith(first)
     assert sorted(r["image"] for r in lines(out) if r["settings"] == other) == sorted(expected)
@@ -273,7 +274,8 @@ class Scripted(BaseHTTPRequestHandler):
     def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
-        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)

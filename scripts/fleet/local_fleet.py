@@ -3,7 +3,8 @@
 running scripts/fleet/haproxy.cfg (its `server boardN` lines replaced by the local servers).
 
     .venv/bin/python scripts/fleet/local_fleet.py --bundle out/bundle --servers 3   # prints the URL; Ctrl-C stops
-    .venv/bin/python -m board batch --server http://127.0.0.1:PORT --concurrency 6 --images DIR --prompt ... --out r.jsonl
+    .venv/bin/python -m board batch --server http://127.0.0.1:PORT --concurrency 6 --images DIR --prompt ... \
+        --out r.jsonl
 
 Why it exists: to try the fleet recipe without boards, and as the one place the fleet test
 (tests/test_fleet.py) and the throughput benchmark (scripts/bench_fleet.py) start one. It needs the
