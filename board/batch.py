@@ -49,7 +49,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from board.errors import InputError, SmolVLMError
+from board.errors import ImageError, InputError, SmolVLMError
+from board.image_io import load_image, read_bytes
 from board.vision import NPU_CORE_MODES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -165,7 +166,10 @@ class Results:
             return
         if not self.path.is_file():
             raise BatchError(f"--out {self.path} is not a file", EXIT_USAGE)
-        data = self.path.read_bytes()
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise BatchError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         keep = 0  # bytes of the file that are whole lines
         lines = data.split(b"\n")
         for number, line in enumerate(lines, 1):
@@ -188,11 +192,14 @@ class Results:
                                  "`python -m board batch`? (use another --out)")
             self.records.append(record)
             keep += len(line) + (0 if last else 1)
-        if keep < len(data):
-            os.truncate(self.path, keep)
-        elif data and not data.endswith(b"\n"):  # a whole last line without its newline (edited by hand)
-            with open(self.path, "ab") as f:
-                f.write(b"\n")
+        try:
+            if keep < len(data):
+                os.truncate(self.path, keep)
+            elif data and not data.endswith(b"\n"):  # a whole last line without its newline (edited by hand)
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+        except OSError as exc:
+            raise BatchError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
 
     def done_keys(self, settings: dict[str, Any]) -> set[tuple[str, int, int]]:
         return {(r["image"], r["size"], r["mtime_ns"]) for r in self.records if r["settings"] == settings}
@@ -215,13 +222,16 @@ class Results:
             data = text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate in an answer: escape it rather than lose the line
             data = (json.dumps(record) + "\n").encode("ascii")
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        try:
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise BatchError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -366,15 +376,13 @@ class ServerRunner:
     """Answers through an OpenAI-compatible server, `concurrency` requests at a time."""
 
     def __init__(self, client: ServerClient, prompt: str, *, max_tiles: Optional[int], max_new_tokens: int,
-                 concurrency: int, retries: int, model: Optional[str] = None,
-                 sleep: Callable[[threading.Event, float], bool] = lambda halt, s: halt.wait(s)):
+                 concurrency: int, retries: int, model: Optional[str] = None):
         self.client = client
         self.prompt = prompt
         self.max_tiles = max_tiles
         self.max_new_tokens = max_new_tokens
         self.concurrency = concurrency
         self.retries = retries
-        self._sleep = sleep
         self.counts = {"busy": 0, "failed": 0}  # 503/429 answers, and failed attempts that were retried
         self._counts_lock = threading.Lock()
         self.model = model or self._server_model()
@@ -401,7 +409,7 @@ class ServerRunner:
                     self._count("busy")
                     busy += 1
                     wait = retry_after(response.headers.get("retry-after"))
-                    self._sleep(halt, wait if wait is not None else min(2.0 ** min(busy - 1, 5), 30.0))
+                    halt.wait(wait if wait is not None else min(2.0 ** min(busy - 1, 5), 30.0))
                     continue
                 if response.status < 500:
                     return response
@@ -412,7 +420,7 @@ class ServerRunner:
                 raise BatchError(f"{problem} (failed {failures} time{'s' if failures > 1 else ''} in a row; "
                                  "rerun the same command to continue)")
             self._count("failed")
-            self._sleep(halt, delay if delay is not None else min(2.0 ** (failures - 1), 30.0))
+            halt.wait(delay if delay is not None else min(2.0 ** (failures - 1), 30.0))
 
     def _server_model(self) -> str:
         response = self._send("GET", f"{self.client.api}/models", None, threading.Event(), "GET /v1/models")
@@ -437,9 +445,6 @@ class ServerRunner:
         }).encode()
 
     def answer(self, item: ImageItem, settings: dict[str, Any], halt: threading.Event) -> Optional[dict[str, Any]]:
-        from board.errors import ImageError
-        from board.image_io import load_image, read_bytes
-
         try:  # decoded here first, so an unreadable file gets the same line as without --server
             data = read_bytes(item.path)
             load_image(data)

@@ -42,7 +42,11 @@ class FleetError(Exception):
 
 
 def haproxy_binary() -> Optional[str]:
-    return shutil.which("haproxy")
+    """The haproxy command, also where Debian puts it outside a normal user's PATH."""
+    found = shutil.which("haproxy")
+    if found is None and os.access("/usr/sbin/haproxy", os.X_OK):
+        found = "/usr/sbin/haproxy"
+    return found
 
 
 def render_config(template: str, servers: Sequence[tuple[str, str]]) -> str:
