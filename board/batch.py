@@ -411,7 +411,7 @@ class ServerRunner:
                     wait = retry_after(response.headers.get("retry-after"))
                     halt.wait(wait if wait is not None else min(2.0 ** min(busy - 1, 5), 30.0))
                     continue
-                if response.status < 500:
+                if response.status < 500 and response.status != 408:  # 408: a proxy's timeout, worth a retry
                     return response
                 problem = f"the server answered {response.status} for {what}: {response.message()}"
                 delay = retry_after(response.headers.get("retry-after"))
