@@ -290,6 +290,7 @@ class Scripted(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.log.append((time.monotonic(), digest))
             step = self.server.script.pop(0) if self.server.script else None
+        time.sleep(self.server.delay)
         if step is not None and step[0] != 200:
             status, headers = step
             self._send(status, {"error": {"message": f"scripted {status}", "type": "server_error", "param": None,
@@ -306,6 +307,7 @@ def scripted():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     server.daemon_threads = True
     server.lock, server.log, server.script, server.model = threading.Lock(), [], [], "scripted-model"
+    server.delay = 0.0
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield SimpleNamespace(server=server, url=f"http://127.0.0.1:{server.server_address[1]}")
     server.shutdown()
@@ -354,6 +356,28 @@ def test_server_mode_gives_up_and_stops_cleanly(scripted, folder, tmp_path, caps
     assert scripted_batch(scripted, folder, out, "--concurrency", "2") == batch.EXIT_ERROR
     assert "with model 'another-model', not 'scripted-model'" in capsys.readouterr().err
     assert [r["image"] for r in lines(out) if r["error"] is None] == ["a.png"]
+
+
+def test_server_mode_ctrl_c_keeps_answers_in_flight(scripted, folder, expected, tmp_path, capsys):
+    """Ctrl-C with two requests in flight: both answers are written, nothing else; the rerun does the rest."""
+    scripted.server.delay = 0.4
+    out = tmp_path / "r.jsonl"
+
+    def interrupt_after_first_answer() -> None:
+        while not (out.exists() and out.read_text().count('"error": null') >= 1):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_first_answer, daemon=True).start()
+    assert scripted_batch(scripted, folder, out, "--concurrency", "2") == batch.EXIT_INTERRUPTED
+    assert "stopping after the image(s) in progress" in capsys.readouterr().err
+    first = lines(out)
+    asked = len(scripted.server.log)
+    assert len(first) < len(expected) and asked == sum(r["error"] is None for r in first)  # none lost in flight
+    scripted.server.delay = 0.0
+    assert scripted_batch(scripted, folder, out, "--concurrency", "2") == 0
+    assert sorted(r["image"] for r in lines(out)) == sorted(expected)  # each image once
+    assert len(scripted.server.log) == asked + len(IMAGES) - sum(r["error"] is None for r in first)
 
 
 def test_server_mode_arguments(folder, tmp_path, capsys):
