@@ -14,8 +14,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"run": "board.run", "serve": "board.serve", "bench": "board.bench", "batch": "board.batch",
-            "checks": "board.system_checks"}
+COMMANDS = {"run": "board.run", "serve": "board.serve", "bench": "board.bench", "checks": "board.system_checks",
+            "batch": "board.batch"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
