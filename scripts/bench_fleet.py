@@ -16,7 +16,7 @@ decoding, splitting, balancing, a small model), not SmolVLM's speed. Every serve
 machine's CPUs, so a fleet cannot scale as boards do (each board brings its own NPU): these are
 emulation numbers, never board numbers. Progress goes to stderr, the JSON to stdout:
 
-    .venv/bin/python scripts/bench_fleet.py                      # ~3 min on 2 cores
+    .venv/bin/python scripts/bench_fleet.py                      # 5-10 min on a busy 2-core machine
     .venv/bin/python scripts/bench_fleet.py --bundle out/bundle --images 12
 """
 
