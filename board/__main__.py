@@ -3,6 +3,8 @@
     python -m board run --bundle DIR --image a.jpg "question"   (= python board/run.py)
     python -m board serve --bundle DIR                           (OpenAI-compatible server)
     python -m board bench --bundle DIR --json                    (latency benchmark)
+    python -m board batch --bundle DIR --images FOLDER --prompt "..." --out results.jsonl
+                                                                 (every image of a folder, resumable; or --server URL)
     python -m board checks [--bundle DIR]                        (NPU driver, runtimes, exit status)
 """
 
@@ -12,7 +14,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"run": "board.run", "serve": "board.serve", "bench": "board.bench", "checks": "board.system_checks"}
+COMMANDS = {"run": "board.run", "serve": "board.serve", "bench": "board.bench", "checks": "board.system_checks",
+            "batch": "board.batch"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,6 +22,18 @@ if ! "$VPY" -c "import importlib.metadata as m; assert m.version('rknn-toolkit2'
     echo "[setup] rknn-toolkit2 2.5.0 (--no-deps)"
     "$VPY" -m pip install -q --no-deps "rknn-toolkit2==2.5.0"
 fi
+# HAProxy, for the fleet test (tests/test_fleet.py, README "A fleet of boards"). Optional: without it
+# that test is skipped with the reason, so nothing here fails where apt-get is missing or not allowed.
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[setup] haproxy (apt-get, for the fleet test)"
+        apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends haproxy >/dev/null 2>&1; }
+        apt_install || { apt-get update -q >/dev/null 2>&1 && apt_install; } \
+            || echo "[setup] apt-get could not install haproxy: the fleet test will be skipped"
+    else
+        echo "[setup] haproxy not installed (needs root and apt-get here): the fleet test will be skipped"
+    fi
+fi
 "$VPY" - <<'PY'
 import importlib
 for name in ("numpy", "cv2", "PIL", "tokenizers", "torch", "transformers", "onnxruntime", "rknn.api"):
