@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from board.errors import ImageError, InputError, SmolVLMError
 from board.image_io import load_image, read_bytes
+from board.prompt import drop_leading_space
 from board.vision import NPU_CORE_MODES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -267,8 +268,6 @@ class LocalRunner:
 
     def answer(self, item: ImageItem, settings: dict[str, Any], halt: threading.Event) -> Optional[dict[str, Any]]:
         """The image's line, or None when the answer was aborted (a second Ctrl-C): nothing is written."""
-        from board.openai_schemas import AnswerText  # the server's rule for the answer's leading space
-
         try:
             answer = self.pipeline.ask(self.prompt, [str(item.path)], sampling=self.sampling,
                                        max_tiles=self.max_tiles).collect()
@@ -276,8 +275,7 @@ class LocalRunner:
             return make_record(item, settings, error=one_line(err))
         if answer.finish_reason == "abort":
             return None
-        shown = AnswerText([])
-        text = shown.feed(answer.text) + shown.flush()
+        text = drop_leading_space(answer.text)  # as the server and the chat history show it
         timings = answer.timings.to_dict()
         return make_record(item, settings, answer=text, finish_reason=answer.finish_reason,
                            tiles=answer.tiles_per_image[0] if answer.tiles_per_image else None, ms=_ms(timings),
@@ -619,7 +617,6 @@ def run_batch(runner: Any, items: Sequence[ImageItem], results: Results, setting
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m board batch",
         description=textwrap.dedent("""\
             Ask one question about every image in a folder (or matching a glob) and write one JSON
             line per image to --out: on this board (--bundle), in x86 emulation (--bundle --emulate),

@@ -33,16 +33,11 @@ from board.decoder import SamplingParams  # noqa: E402
 from board.errors import ImageError  # noqa: E402
 from board.image_io import load_image  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
-from test_pipeline_support import ROOT, tiny_bundle_for, write_image  # noqa: E402
+from support import ROOT, write_image  # noqa: E402
 
 Q = "What is in this image?"
 MAX_NEW = 6
 IMAGES = ["a.png", "b.png", "c.png", "d.png", "sub/e.png", "sub/deeper/f.png"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint):
-    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from test_pipeline_support import ROOT, tiny_bundle_for, write_image  # noqa: E402
+from support import ROOT, write_image  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts" / "fleet"))
 import local_fleet  # noqa: E402
@@ -29,11 +29,6 @@ if local_fleet.haproxy_binary() is None:
 
 Q = "Describe this image."
 N_IMAGES, MAX_NEW = 24, 8
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint):
-    return tiny_bundle_for(tmp_path_factory, tiny_checkpoint, "256m")
 
 
 def test_template_is_valid_haproxy_config():
