@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS = {"run": "board.run", "serve": "board.serve", "bench": "board.bench", "checks": "board.system_checks"}
+COMMANDS["doctor"] = "board.doctor"  # python -m board doctor --bundle DIR [--emulate] [--json]: run it first
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -639,13 +639,13 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any]) -> None:
     lines = [f"\nbundle: {summary['bundle']}  ({summary['board_mb']} MB for the board"
              + (", tiny random-weight model: answers are noise)" if summary["tiny"] else ")")]
-    lines.append(f"{'stage':<12} {'status':<28} {'seconds':>8} {'peak RSS MB':>12}")
+    lines.append(f"{'stage':<16} {'status':<28} {'seconds':>8} {'peak RSS MB':>12}")
     for name in STAGES:
         row = summary["stages"].get(name)
         if row:
             rss = "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
-            lines.append(f"{name:<12} {row['status']:<28} {row['seconds']:>8.1f} {rss:>12}")
-    lines.append(f"{'total':<12} {'':<28} {summary['total_seconds']:>8.1f} {summary['peak_rss_mb']:>12.0f}")
+            lines.append(f"{name:<16} {row['status']:<28} {row['seconds']:>8.1f} {rss:>12}")
+    lines.append(f"{'total':<16} {'':<28} {summary['total_seconds']:>8.1f} {summary['peak_rss_mb']:>12.0f}")
     acc = summary["vision_accuracy"]
     lines.append(f"vision simulator vs PyTorch: cosine min {acc['cosine_min']:.5f}; decoder: {summary['decoder']}")
     print("\n".join(lines), file=sys.stderr)

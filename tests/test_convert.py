@@ -4,6 +4,7 @@ build, the bundle the board opens, resumable stages, and plain errors (rkllm-too
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -55,7 +56,7 @@ def test_tiny_end_to_end_without_rkllm_toolkit(first_run):
     assert "Traceback" not in result.stderr
     for stage in ("text", "decoder", "vision", "manifest", "self-check"):
         assert f"{stage} done in" in result.stderr, stage
-    assert "calibration  not run (--skip-decoder)" in result.stderr and "random-weight" in result.stderr
+    assert re.search(r"calibration +not run \(--skip-decoder\)", result.stderr) and "random-weight" in result.stderr
 
     bundle = B.Bundle.open(out)
     assert bundle.is_tiny and not bundle.has_decoder and bundle.max_context == convert.DEFAULT_MAX_CONTEXT
