@@ -26,6 +26,7 @@ from board import rkllm_h
 from board.decoder import GenerationResult, SamplingParams
 from board.decoder_rkllm import RKLLMDecoder, _Utf8Joiner
 from board.errors import BundleError, DecoderError, PrefillMismatch, PromptError, RuntimeUnavailable
+from support import compile_fake_rkllmrt
 
 C_DIR = Path(__file__).parent / "c"
 HIDDEN = 16
@@ -33,13 +34,7 @@ HIDDEN = 16
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the librkllmrt test double")
 
 
-def _compile(out: Path, *defines: str) -> Path:
-    subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-fvisibility=hidden", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
-         *defines, f"-I{C_DIR}", str(C_DIR / "fake_rkllmrt.c"), "-o", str(out)],
-        check=True, capture_output=True,
-    )
-    return out
+_compile = compile_fake_rkllmrt
 
 
 @pytest.fixture(scope="session")
