@@ -235,8 +235,13 @@ class Doctor:
             if self._bundle():
                 self._vision_checks()
                 if self._open_pipeline():
-                    for step in (self._prefill_count, self._decoder_reference, self._history, self._eos, self._abort):
-                        step()
+                    for name, step in (("prefill_count", self._prefill_count), ("decoder_reference",
+                                       self._decoder_reference), ("history", self._history), ("eos", self._eos),
+                                       ("abort", self._abort)):
+                        try:
+                            step()
+                        except SmolVLMError as err:  # what a check did not foresee still names the check
+                            self._set(Check(name, False, f"failed: {err.message}", hint=err.hint))
         finally:
             self._close()
         self._skip_rest("an earlier step did not complete")

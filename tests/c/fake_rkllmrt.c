@@ -14,6 +14,9 @@
  *                        loses_cache    ignores keep_history: the KV cache is empty after every run
  *                        eos            streams the EOS id (FAKE_RKLLM_EOS, default 2) as its second
  *                                       token and keeps going (20 ms per token) up to max_new_tokens
+ *                        With FAKE_RKLLM_EOS set, the scripted scenarios (stream, ...) end their stream with
+ *                        that id, as a runtime that passes its end-of-turn token to the callback.
+ *   FAKE_RKLLM_TOKEN_BASE  first token id of the slow and eos scenarios (default 1000; they count up)
  *   FAKE_RKLLM_HIDDEN    embedding width used for the CRC-32 of the EMBED input (float32 rows)
  *   FAKE_RKLLM_REPORT    file the double rewrites as JSON after every call: counters, the init
  *                        parameters (and RKLLM_LOG_LEVEL as set at init), every run's input as
@@ -54,6 +57,8 @@ typedef struct {
     int kv_size;
     int template_tokens; /* what this runtime adds around EMBED input (adds_template, template_fail) */
     int eos_id;
+    int stream_eos; /* FAKE_RKLLM_EOS was set: scripted streams end with it */
+    int token_base;
 } FakeHandle;
 
 #define TEMPLATE_TOKENS 6
@@ -293,6 +298,9 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callb
                              ? TEMPLATE_TOKENS : 0;
     const char *eos = getenv("FAKE_RKLLM_EOS");
     h->eos_id = eos ? atoi(eos) : 2;
+    h->stream_eos = eos != NULL;
+    const char *base = getenv("FAKE_RKLLM_TOKEN_BASE");
+    h->token_base = base ? atoi(base) : 1000;
     g.live[slot] = h;
     *handle = h;
 out:
@@ -444,11 +452,16 @@ static int run(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *user
             sleep_ms(20);
             snprintf(text, sizeof text, "tok%d ", i);
         }
-        int32_t id = eos && i == 1 ? h->eos_id : 1000 + i; /* eos: the end-of-turn id, then more tokens */
+        int32_t id = eos && i == 1 ? h->eos_id : h->token_base + i; /* eos: the end-of-turn id, then more */
         int ret = slow || eos ? emit(h, ud, eos && i == 1 ? "" : text, id, RKLLM_RUN_NORMAL)
                               : emit(h, ud, script[i].text, script[i].token_id, script[i].state);
         generated++;
         if (ret == 1) break; /* paused by the caller */
+    }
+    if (h->stream_eos && !slow && !eos && generated == script_len && generated < limit &&
+        !__atomic_load_n(&h->abort_flag, __ATOMIC_SEQ_CST)) {
+        emit(h, ud, "", h->eos_id, RKLLM_RUN_NORMAL);
+        generated++;
     }
     int prefilled = (int)n_tokens + h->template_tokens;
     finish(h, ud, strcmp(scenario, "miscount") == 0 ? prefilled + 1 : prefilled, generated);
