@@ -118,3 +118,56 @@ def test_the_vision_model_choice():
 def test_a_bundle_without_the_fallback_says_how_to_get_it(bundle):
     with pytest.raises(BundleError, match="no fallback vision model"):
         Pipeline(bundle, emulate=True, vision_fallback=True)
+
+
+class _RKNNLite:
+    """A stand-in `rknnlite.api.RKNNLite` whose get_sdk_version reports a chosen librknnrt."""
+
+    NPU_CORE_0, NPU_CORE_1, NPU_CORE_2, NPU_CORE_0_1_2 = 1, 2, 4, 7
+    sdk = ""
+    released = 0
+
+    def __init__(self, verbose=False):
+        pass
+
+    def load_rknn(self, path):
+        return 0
+
+    def init_runtime(self, core_mask=0):
+        return 0
+
+    def get_sdk_version(self):
+        return self.sdk
+
+    def release(self):
+        _RKNNLite.released += 1
+
+
+@pytest.fixture
+def rknnlite(monkeypatch):
+    import sys
+    import types
+
+    package, api = types.ModuleType("rknnlite"), types.ModuleType("rknnlite.api")
+    api.RKNNLite, package.api = _RKNNLite, api
+    monkeypatch.setitem(sys.modules, "rknnlite", package)
+    monkeypatch.setitem(sys.modules, "rknnlite.api", api)
+    _RKNNLite.released = 0
+    return _RKNNLite
+
+
+def test_a_librknnrt_older_than_the_models_toolkit_is_refused(rknnlite):
+    from board.errors import RuntimeUnavailable
+    from board.vision import RKNNVisionEncoder
+
+    rknnlite.sdk = "RKNN VERSION:\n  API: 2.5.0 (1a2b)\n  DRV: rknn_server: 2.5.0 (3c4d), rknnrt: 2.3.2 (5e6f)"
+    with pytest.raises(RuntimeUnavailable, match=r"librknnrt 2\.3\.2 is older than rknn-toolkit2 2\.5\.0") as err:
+        RKNNVisionEncoder("vision.rknn", tile=32, tokens_per_tile=4, hidden_size=8, built_with="2.5.0")
+    assert "librknnrt.so 2.5.0 or newer" in err.value.hint and rknnlite.released == 1  # nothing left open
+    rknnlite.sdk = rknnlite.sdk.replace("2.3.2", "2.5.1")
+    with RKNNVisionEncoder("vision.rknn", tile=32, tokens_per_tile=4, hidden_size=8, cores="parallel",
+                           built_with="2.5.0") as encoder:
+        assert "rknnrt: 2.5.1" in encoder.sdk_version and encoder.notices == []
+    rknnlite.sdk = "no version here"
+    with RKNNVisionEncoder("vision.rknn", tile=32, tokens_per_tile=4, hidden_size=8, built_with="2.5.0") as encoder:
+        assert "cannot compare librknnrt" in encoder.notices[0]  # said, not refused
