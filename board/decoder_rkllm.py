@@ -451,7 +451,8 @@ class RKLLMDecoder:
             elif isinstance(event, _Finish):
                 stats = event.stats
             elif isinstance(event, _Problem):
-                problems.append(event.message)
+                if not at_eos:  # after the guard's rkllm_abort an error state is the runtime's answer to it
+                    problems.append(event.message)
             elif isinstance(event, _CallbackFailed):
                 problems.append(f"the result callback failed: {event.error!r}")
             elif isinstance(event, _Done):
