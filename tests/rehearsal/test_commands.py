@@ -17,6 +17,7 @@ HELP_COMMANDS = {
     "-m board.system_checks --help": ["-m", "board.system_checks", "--help"],
     "-m board run --help": ["-m", "board", "run", "--help"],
     "-m board checks --help": ["-m", "board", "checks", "--help"],
+    "-m board doctor --help": ["-m", "board", "doctor", "--help"],
 }
 
 
