@@ -217,6 +217,7 @@ class Doctor:
         self.tile: Optional[np.ndarray] = None
         self.rows: Optional[np.ndarray] = None
         self.reference_runs: dict[str, _Run] = {}
+        self.vision_runtime: dict[str, Any] = {}  # the encoder's own version report and notices
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -347,6 +348,8 @@ class Doctor:
                 self._set(Check("vision_reference", False, f"the vision model did not open: {err.message}", hint=err.hint))
                 self._set(Check("vision_cores", None, "not run: the vision model did not open"))
                 return
+        self.vision_runtime = {"sdk_version": getattr(self.encoder, "sdk_version", None),
+                               "notices": list(getattr(self.encoder, "notices", []))}
         if self.tile is None:
             for name in ("vision_reference", "vision_cores"):
                 self._set(Check(name, None, "not run: the bundle has no reference tile (convert it again)"))
@@ -604,7 +607,8 @@ class Doctor:
     def _versions(self) -> dict[str, Any]:
         from board import __version__
 
-        out: dict[str, Any] = {"board": __version__, "rkllm_log_level": os.environ.get("RKLLM_LOG_LEVEL")}
+        out: dict[str, Any] = {"board": __version__, "rkllm_log_level": os.environ.get("RKLLM_LOG_LEVEL"),
+                               "vision_runtime": self.vision_runtime}
         if self.bundle is not None:
             from board.bench import versions
 

@@ -15,7 +15,6 @@ import pytest
 
 from board.errors import RuntimeUnavailable
 from calibration import decoder_dataset as D
-from calibration.holdout import write_holdout
 from host import decoder_rkllm as R
 from support import STANDIN_RKLLM
 
@@ -206,6 +205,7 @@ def test_convert_builds_the_decoder_step_through_the_stand_in(standin, bundle, t
     calibration = decoder[S.Decoder.CALIBRATION]
     assert calibration["layout"] == "samples" and calibration["read_by_toolkit"]["sample_files"] == calibration["samples"]
     assert "STAND-IN" in (out / "host" / "decoder.log").read_text()
+    assert decoder[S.Decoder.ACCURACY]["measured"] >= 1  # the held-out samples went through get_logits
     assert (out / "host" / D.dataset_file("samples")).is_file() and not (out / "host" / D.DATASET).exists()
     # the opt-in fallback: fp16, conv layout, and it computes what the main model computes
     fallback = b.vision_model(fallback=True)
