@@ -1,5 +1,6 @@
 """`python -m board COMMAND ...`: the board's commands from a copied folder or the installed package.
 
+    python -m board doctor --bundle DIR [--emulate] [--json]     (run it first on a new board: proves every assumption)
     python -m board run --bundle DIR --image a.jpg "question"   (= python board/run.py)
     python -m board serve --bundle DIR                           (OpenAI-compatible server)
     python -m board bench --bundle DIR --json                    (latency benchmark)
@@ -14,8 +15,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"run": "board.run", "serve": "board.serve", "bench": "board.bench", "checks": "board.system_checks",
-            "batch": "board.batch"}
+COMMANDS = {"doctor": "board.doctor", "run": "board.run", "serve": "board.serve", "bench": "board.bench",
+            "checks": "board.system_checks", "batch": "board.batch"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

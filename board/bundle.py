@@ -7,6 +7,8 @@ Layout (every name is in board/bundle_schema.py; host/bundle_writer.py writes wi
     decoder.rkllm        SmolLM2 decoder for librkllmrt (absent when converted with --skip-decoder)
     embed_tokens.npy     the text embedding table, float16 [vocab, hidden], memory-mapped on the board
     tokenizer.json       the tokenizer (tokenizers library format)
+    reference.npz        the board doctor's reference tile and its full-precision vision rows
+    vision_conv.rknn     (opt-in, --vision-fallback) the fp16 vision model in Rockchip's conv layout
     host/                what only x86 emulation needs (vision.onnx, the extracted decoder folder)
                          and the conversion reports; it need not be copied to the board
 
@@ -36,7 +38,10 @@ from .bundle_schema import (  # noqa: F401 (the file names are read through this
     HOST_DIR,
     MANIFEST,
     REBUILD_HINT,
+    REFERENCE,
     TOKENIZER,
+    VISION_FALLBACK_ONNX,
+    VISION_FALLBACK_RKNN,
     VISION_ONNX,
     VISION_RKNN,
 )
@@ -53,6 +58,7 @@ from .system_checks import (
     parse_version,
 )
 from .tiles import SplitSettings, tokens_per_tile
+from .vision import VisionModel, vision_model
 
 M, T, F = S.Manifest, S.Target, S.FileEntry
 _COPY_HINT = "copy the bundle folder again (a file was changed, truncated or left out), or " + REBUILD_HINT
@@ -306,6 +312,44 @@ class Bundle:
     @property
     def video(self) -> Optional[dict[str, Any]]:
         return self.manifest.get(M.VIDEO)
+
+    def vision_model(self, fallback: bool = False) -> VisionModel:
+        """The vision model a runtime opens: the main one, or the opt-in conv fallback (a BundleError if absent)."""
+        return vision_model(self.vision, fallback)
+
+    @property
+    def embed_flash(self) -> bool:
+        """The bundle's default for librkllmrt's embed_flash (word embeddings read from flash, saving RAM)."""
+        return bool(self.manifest[M.DECODER].get(S.Decoder.EMBED_FLASH, False))
+
+    @property
+    def built_with(self) -> dict[str, Any]:
+        """The toolkit versions that made the bundle (manifest.toolkits; empty when not recorded)."""
+        return dict(self.manifest.get(M.TOOLKITS) or {})
+
+    @property
+    def reference(self) -> Optional[dict[str, Any]]:
+        """The board doctor's reference (manifest.reference), or None for a bundle converted without one."""
+        return self.manifest.get(M.REFERENCE)
+
+    def reference_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The reference tile (uint8 [T, T, 3]) and its full-precision vision rows (float32 [N, hidden])."""
+        section = self.reference
+        if section is None:
+            raise BundleError("this bundle has no reference data for the board doctor",
+                              hint="convert it again with this version's host.convert")
+        path = self.path(section[S.Reference.FILE])
+        try:
+            with np.load(path) as data:
+                tile, rows = data[S.REFERENCE_TILE], data[S.REFERENCE_ROWS]
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"{section[S.Reference.FILE]} cannot be read: {exc}", hint=_COPY_HINT) from exc
+        tile_px, tokens = self.split_settings.tile, self.prompt_format.image_seq_len
+        if tile.shape != (tile_px, tile_px, 3) or tile.dtype != np.uint8 or rows.shape != (tokens, self.hidden_size):
+            raise BundleError(
+                f"{section[S.Reference.FILE]} holds a {tile.dtype} {list(tile.shape)} tile and {list(rows.shape)} rows; "
+                f"the bundle needs uint8 [{tile_px}, {tile_px}, 3] and [{tokens}, {self.hidden_size}]", hint=REBUILD_HINT)
+        return tile, rows.astype(np.float32)
 
     # -- files ----------------------------------------------------------------------------------
     def path(self, rel: str) -> Path:

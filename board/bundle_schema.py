@@ -9,8 +9,9 @@ section class below; `validate()` checks it from then on and names its path in e
 manifest.json (format FORMAT_NAME, version FORMAT_VERSION) has the sections of `Manifest`: model,
 target, toolkits, vision, decoder, embeddings, tokenizer, prompt_format (board.prompt.PromptFormat's
 fields), preprocessor (the checkpoint's preprocessor_config.json as transformers writes it, read by
-board.tiles.SplitSettings.from_preprocessor), generation, video (SmolVLM2 only) and files (sha256
-and size of every file, keyed by its path inside the bundle). Keys a reader does not know are
+board.tiles.SplitSettings.from_preprocessor), generation, video (SmolVLM2 only), reference (what the
+board doctor compares the runtimes with) and files (sha256 and size of every file, keyed by its path
+inside the bundle). Keys a reader does not know are
 ignored, so a section may grow within one format version: a key added that way is optional=True
 (bundles written before it lack it); a new required key needs a new FORMAT_VERSION.
 """
@@ -37,6 +38,15 @@ TOKENIZER = "tokenizer.json"  # the tokenizers library's format
 HOST_DIR = "host"  # what only x86 emulation needs, and the conversion reports
 VISION_ONNX = "host/vision.onnx"
 DECODER_HF = "host/decoder"  # a folder: the standalone Llama-format text model
+# opt-in (host.convert --vision-fallback): the fp16 vision model in Rockchip's own input layout (conv)
+VISION_FALLBACK_RKNN = "vision_conv.rknn"
+VISION_FALLBACK_ONNX = "host/vision_conv.onnx"
+# the board doctor's reference data, from the full-precision model at conversion time (a board file)
+REFERENCE = "reference.npz"
+REFERENCE_TILE = "tile"  # its arrays: one uint8 [T, T, 3] tile ...
+REFERENCE_ROWS = "rows"  # ... and that tile's float32 [tokens_per_tile, hidden] vision rows
+# the decoder calibration set's layouts (calibration.decoder_dataset writes them, host.convert chooses)
+CALIBRATION_LAYOUTS = ("samples", "input_embed")
 
 REBUILD_HINT = "re-create it with `python -m host.convert --model <checkpoint> --out <dir>` on the host"
 
@@ -120,6 +130,16 @@ class VisionAccuracy:
     TILES = Key("tiles", int, minimum=0)
 
 
+class VisionFallback:
+    """The opt-in second vision model (board.vision.vision_model chooses between the two)."""
+
+    FILE = Key("file", str, path=True)
+    ONNX = Key("onnx", str, path=True, optional=True)
+    DTYPE = Key("dtype", str)
+    LAYOUT = Key("layout", str)
+    ACCURACY = Key("accuracy", dict, table=VisionAccuracy, optional=True)
+
+
 class Vision:
     FILE = Key("file", str, path=True)
     ONNX = Key("onnx", str, path=True, optional=True)
@@ -135,6 +155,7 @@ class Vision:
     QUANTIZATION = Key("quantization", dict, optional=True, nullable=True)
     ACCURACY = Key("accuracy", dict, table=VisionAccuracy, optional=True)
     EST_CYCLES_PER_TILE = Key("est_cycles_per_tile", float, optional=True, nullable=True)
+    FALLBACK = Key("fallback", dict, table=VisionFallback, optional=True, nullable=True)
 
 
 class Decoder:
@@ -150,8 +171,11 @@ class Decoder:
     QUANTIZED_ALGORITHM = Key("quantized_algorithm", str, optional=True)
     TARGET_PLATFORM = Key("target_platform", str, optional=True)
     NUM_NPU_CORE = Key("num_npu_core", int, minimum=1, optional=True)
+    OPTIMIZATION_LEVEL = Key("optimization_level", int, minimum=0, optional=True)  # rkllm-toolkit build()
+    CALIBRATION = Key("calibration", dict, optional=True)  # layout and what the toolkit was seen to read
     ACCURACY = Key("accuracy", dict, optional=True)
     MISSING = Key("missing", str, optional=True)  # why there is no decoder.rkllm
+    EMBED_FLASH = Key("embed_flash", bool, optional=True)  # the runtime's default RKLLMExtendParam.embed_flash
 
 
 class Embeddings:
@@ -224,6 +248,30 @@ class Video:
     SKIP_SECS = Key("skip_secs", float, optional=True)
 
 
+class ReferencePrompt:
+    """One prompt of the reference: its messages (an image item is the reference tile, unsplit) and the
+    full-precision decoder's first greedy token ids on it."""
+
+    NAME = Key("name", str)
+    MESSAGES = Key("messages", list, each=Rule(dict))
+    GREEDY_IDS = Key("greedy_ids", list, each=Rule(int, minimum=0))
+    STOPPED = Key("stopped", bool)  # the ids end with an EOS id (the model ended the answer)
+
+
+_PROMPT = Rule(dict, table=ReferencePrompt)
+
+
+class Reference:
+    """What the board doctor (board/doctor.py) compares the runtimes with."""
+
+    FILE = Key("file", str, path=True)  # REFERENCE: the tile and its vision rows
+    SOURCE = Key("source", str)  # the image the tile was cut from
+    NEW_TOKENS = Key("new_tokens", int, minimum=1)  # greedy tokens generated per prompt
+    PROMPTS = Key("prompts", list, each=_PROMPT)  # a text prompt and an image prompt
+    EOS_PROMPT = Key("eos_prompt", dict, table=ReferencePrompt, nullable=True)  # one the model ends; null: none found
+    EOS_SEARCH_TOKENS = Key("eos_search_tokens", int, minimum=1)
+
+
 class FileEntry:
     SHA256 = Key("sha256", str)
     BYTES = Key("bytes", int, minimum=0)
@@ -246,6 +294,7 @@ class Manifest:
     PREPROCESSOR = Key("preprocessor", dict)
     GENERATION = Key("generation", dict, table=Generation)
     VIDEO = Key("video", dict, table=Video, optional=True)
+    REFERENCE = Key("reference", dict, table=Reference, optional=True)
     FILES = Key("files", dict, each=Rule(dict, table=FileEntry), path=True)
 
 

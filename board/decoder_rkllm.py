@@ -5,18 +5,28 @@ Ownership follows llama-cpp-python: `RKLLMDecoder` owns one LLMHandle from `rkll
 keeps alive everything the runtime may point into: the RKLLMParam (model path), the RKLLMCallback
 and its CFUNCTYPE for the handle's life; the embeddings, input and infer structs for each run.
 
-What the runtime decides, not us:
+What the runtime decides, and what this binding checks because rkllm.h does not promise it:
 - End of turn: the EOS token id(s) are stored in `decoder.rkllm` by rkllm-toolkit (from the
-  checkpoint's generation config; 1.3.0 supports several). We only leave `ignore_eos_token` off.
-  `skip_special_token` (on by default) keeps special tokens' text out of the stream.
-- Chat template: the runtime applies one to *text* input only; EMBED rows are fed as they are, so
-  the sequence is exactly the one the reference builds (row/col and image tokens included).
+  checkpoint's generation config; 1.3.0 supports several) and `ignore_eos_token` stays off. As a
+  guard, a token of the bundle's EOS set reaching the callback ends the run there (rkllm_abort),
+  whether or not the runtime would have stopped. `skip_special_token` (on by default) keeps special
+  tokens' text out of the stream.
+- Chat template: the SDK wraps *text* input in the model's template; whether it touches EMBED input
+  is undocumented (and rknn-llm issue #420 shows SmolVLM's template misparsed), so an empty template
+  is set after init (a failure is a warning with the code). Then every run's `perf.prefill_tokens`
+  must equal the rows fed: a runtime that added or dropped tokens raises PrefillMismatch naming both.
+- KV cache across turns: `history_tokens` reports rkllm_get_kv_cache_size, so the pipeline can
+  compare it with the history it expects (upstream demos all run keep_history=0; issues #278 and
+  #446 report embed-mode cache trouble) and re-feed the conversation when they differ.
 - NPU cores: fixed when the model is converted (rkllm-toolkit `num_npu_core`); the runtime API only
   chooses the CPU cores for its CPU-side work (`enabled_cpus`) and the NPU memory domain.
+  `embed_flash` asks the runtime to read its own word-embedding table from flash instead of RAM
+  (we feed embeddings, so it saves memory); RKLLM_LOG_LEVEL is the runtime's own log switch.
 
 Streaming: `rkllm_run` is synchronous, so it runs in a worker thread while generate() reads the
 callback's events from a queue. The callback copies what it needs (the text pointer is valid only
-during the call) and never raises into C.
+during the call) and never raises into C. The last run's embedding array stays referenced until
+the next run or a cache clear, in case the runtime keeps a pointer into it with the history.
 """
 
 from __future__ import annotations
@@ -34,10 +44,12 @@ import numpy as np
 
 from . import rkllm_h as C
 from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings, chosen_sampling
-from .errors import BundleError, DecoderError, InputError
+from .errors import BundleError, DecoderError, InputError, PrefillMismatch
 
 # The RK3588's Cortex-A76 cores, which Rockchip's own demos give the runtime.
 RK3588_BIG_CORES = (4, 5, 6, 7)
+# librkllmrt's log switch (read by the runtime at rkllm_init; 1 prints per-run timings)
+LOG_LEVEL_ENV = "RKLLM_LOG_LEVEL"
 # How often the waiting generator wakes so that Ctrl-C is handled promptly.
 _POLL_S = 0.1
 
@@ -184,7 +196,9 @@ class RKLLMDecoder:
     call: embeddings of another width are refused before they reach C. `sampling` is the default
     for generate() calls that pass none. `enabled_cpus` picks CPU cores (None: the runtime's
     default); `base_domain_id` is the NPU memory domain, 1 as Rockchip's multimodal demo uses on
-    RK3588 so the decoder stays apart from the vision model's domain 0.
+    RK3588 so the decoder stays apart from the vision model's domain 0. `eos_token_ids` (the
+    bundle's) arm the EOS guard; `log_level` sets RKLLM_LOG_LEVEL for rkllm_init (None: leave the
+    environment alone). `notices` collects what the runtime would not do (e.g. the empty template).
     """
 
     def __init__(
@@ -197,6 +211,9 @@ class RKLLMDecoder:
         skip_special_token: bool = True,
         enabled_cpus: Optional[Sequence[int]] = RK3588_BIG_CORES,
         base_domain_id: int = 1,
+        eos_token_ids: Sequence[int] = (),
+        embed_flash: bool = False,
+        log_level: Optional[int] = None,
         library: Optional[C.RKLLMLibrary] = None,
         library_dirs: Sequence[Union[str, os.PathLike]] = (),
     ):
@@ -207,6 +224,9 @@ class RKLLMDecoder:
         self._run_active = False
         self._worker: Optional[threading.Thread] = None
         self._history_kept = False
+        self._last_run: Optional[_Run] = None  # its embeddings stay alive until the next run or a clear
+        self.notices: List[str] = []
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.model_path = Path(model_path)
         self.hidden_size = int(hidden_size)
         self.max_context = int(max_context)
@@ -228,6 +248,7 @@ class RKLLMDecoder:
         param.is_async = False
         param.extend_param.n_batch = 1
         param.extend_param.base_domain_id = base_domain_id
+        param.extend_param.embed_flash = 1 if embed_flash else 0
         if enabled_cpus is not None:
             cpus = sorted(set(int(c) for c in enabled_cpus))
             if not cpus or cpus[0] < 0 or cpus[-1] > 7:
@@ -239,6 +260,8 @@ class RKLLMDecoder:
         self._callbacks = C.RKLLMCallback()
         self._callbacks.result_callback = _make_result_callback(self._channel)
 
+        if log_level is not None:
+            os.environ[LOG_LEVEL_ENV] = str(int(log_level))
         handle = C.LLMHandle()
         rc = self._lib.rkllm_init(ctypes.byref(handle), ctypes.byref(self._param), ctypes.byref(self._callbacks))
         if rc != 0:
@@ -252,6 +275,16 @@ class RKLLMDecoder:
         if not handle.value:
             raise DecoderError(f"rkllm_init returned 0 but no handle for {self.model_path}")
         self._handle = handle
+        self._clear_chat_template(handle)
+
+    def _clear_chat_template(self, handle: C.LLMHandle) -> None:
+        """No template around EMBED input: the rows are the whole templated sequence already."""
+        rc = self._lib.rkllm_set_chat_template(handle, b"", b"", b"")
+        if rc != 0:
+            notice = (f"rkllm_set_chat_template with an empty template failed with code {rc}: the runtime may wrap "
+                      "the embeddings in the model's chat template (the prefill-count check will tell)")
+            self.notices.append(notice)
+            warnings.warn(notice, stacklevel=3)
 
     # -- the Decoder protocol -------------------------------------------------------------------
 
@@ -296,8 +329,15 @@ class RKLLMDecoder:
         try:
             _check(self._lib.rkllm_clear_kv_cache(self._require_open(), 0, None, None), "rkllm_clear_kv_cache")
             self._history_kept = False
+            self._last_run = None
         finally:
             self._busy.release()
+
+    @property
+    def history_tokens(self) -> int:
+        """Positions the runtime's KV cache holds now (rkllm_get_kv_cache_size), to compare with what a
+        conversation expects: every row fed and every token generated in its kept turns."""
+        return self._kv_cache_size(self._require_open())
 
     def close(self) -> None:
         """Stop any run and destroy the handle; safe to call twice, from any thread."""
@@ -348,6 +388,7 @@ class RKLLMDecoder:
             if not run.keep_history and self._history_kept:
                 _check(self._lib.rkllm_clear_kv_cache(handle, 0, None, None), "rkllm_clear_kv_cache")
             self._history_kept = run.keep_history
+            self._last_run = run
             self._abort_requested.clear()
             self._channel.queue = run.queue
             with self._lock:
@@ -388,6 +429,7 @@ class RKLLMDecoder:
         joiner = _Utf8Joiner()
         stats: Optional[DecodeStats] = None
         n_tokens = 0
+        at_eos = False  # the EOS guard stopped the run: what the runtime streams after it is dropped
         problems: List[str] = []
         while True:
             try:
@@ -398,13 +440,19 @@ class RKLLMDecoder:
                 if self._abort_requested.is_set():
                     self.abort()  # an abort that reached the runtime before the run started is lost: repeat it
                     continue
+                if at_eos:
+                    continue
                 n_tokens += 1
+                if event.token_id in self.eos_token_ids:
+                    at_eos = True
+                    self._stop_runtime()
                 yield GenerationStep(text=joiner.feed(event.text),
                                      token_id=event.token_id if event.token_id >= 0 else None)
             elif isinstance(event, _Finish):
                 stats = event.stats
             elif isinstance(event, _Problem):
-                problems.append(event.message)
+                if not at_eos:  # after the guard's rkllm_abort an error state is the runtime's answer to it
+                    problems.append(event.message)
             elif isinstance(event, _CallbackFailed):
                 problems.append(f"the result callback failed: {event.error!r}")
             elif isinstance(event, _Done):
@@ -417,11 +465,27 @@ class RKLLMDecoder:
             return
         if isinstance(outcome, BaseException):
             raise DecoderError(f"rkllm_run could not be called: {outcome}") from outcome
+        if outcome != 0 and at_eos and not problems:
+            outcome = 0  # the runtime's answer to our own rkllm_abort at the EOS token
         if outcome != 0 or problems:
             self._history_kept = True  # the cache state is unknown: clear it before a fresh turn
             raise DecoderError(f"rkllm_run failed (code {outcome}): " + ("; ".join(problems) or "no detail given"))
-        finish = "length" if n_tokens >= run.max_new_tokens else "stop"
+        fed = int(run.embeddings.shape[0])
+        if stats is not None and stats.prefill_tokens != fed:
+            self._history_kept = True
+            raise PrefillMismatch(
+                f"the runtime prefilled {stats.prefill_tokens} tokens but {fed} embedding rows were fed: it added or "
+                "dropped tokens (a chat template applied to EMBED input?)",
+                hint="run `python -m board doctor --bundle DIR` and attach its --json output to a bug report",
+            )
+        finish = "stop" if at_eos or n_tokens < run.max_new_tokens else "length"
         yield GenerationStep(text=tail, finish_reason=finish, stats=stats or DecodeStats())
+
+    def _stop_runtime(self) -> None:
+        """rkllm_abort for the EOS guard: ends the run without it counting as the caller's abort."""
+        with self._lock:
+            if self._run_active and self._handle is not None:
+                self._lib.rkllm_abort(self._handle)
 
 
 def _check(rc: int, function: str) -> None:

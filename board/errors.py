@@ -45,3 +45,7 @@ class DecoderError(SmolVLMError):
 
 class VisionError(SmolVLMError):
     """The vision encoder failed while loading or running."""
+
+
+class PrefillMismatch(DecoderError):
+    """The runtime prefilled another number of tokens than the rows fed: it added or dropped some."""

@@ -19,10 +19,18 @@ the model generated). After an answer cut by max_new_tokens the whole end-of-tur
 After an abort, an error, or a turn of another conversation, the cache state is not known (or not
 ours) and the next turn re-feeds the whole re-templated conversation instead.
 
-Context length: a turn whose rows do not fit next to the history (history + new rows must stay below
-max_context) raises `ContextFull` and changes nothing; `Chat.send(..., on_overflow="reset")` instead
-starts the conversation over with just the new message and says so in `Answer.notices` (the CLI
-does that). A single message too long for the context on its own is a PromptError.
+The history is also checked, because the runtime's KV cache across turns is what rkllm.h does not
+promise (Rockchip's demos all run keep_history=0): before a turn continues a conversation, the
+decoder's `history_tokens` (librkllmrt's rkllm_get_kv_cache_size) must equal what the conversation
+fed and generated; if not, the cache is cleared and the whole conversation re-fed, with a notice the
+first time.
+
+Context length: upstream's rule is max_context > history + prompt + max_new_tokens. A turn whose
+rows leave no room for an answer next to the history raises `ContextFull` and changes nothing;
+`Chat.send(..., on_overflow="reset")` instead starts the conversation over with just the new message
+and says so in `Answer.notices` (the CLI does that). A single message too long for the context on
+its own is a PromptError. A max_new_tokens larger than the room left is capped to it (a notice says
+so; the answer then ends with finish_reason "length").
 """
 
 from __future__ import annotations
@@ -30,13 +38,14 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .bundle import DECODER_HF, DECODER_RKLLM, VISION_ONNX, VISION_RKNN, Bundle
+from . import bundle_schema as S
+from .bundle import DECODER_HF, DECODER_RKLLM, Bundle
 from .decoder import Decoder, GenerationStep, SamplingParams
 from .errors import BundleError, DecoderError, InputError, PromptError
 from .image_io import image_from_array, load_image, read_bytes
@@ -141,15 +150,20 @@ def host_file(bundle: Bundle, rel: str, verify: bool) -> Path:
 
 
 def open_vision_encoder(bundle: Bundle, *, emulate: bool, npu_cores: str = "parallel",
-                        verify: bool = True) -> VisionEncoder:
+                        verify: bool = True, fallback: bool = False) -> VisionEncoder:
     """The bundle's vision encoder: vision.rknn in RKNNLite (`npu_cores` mode) on the board, or the
-    host/ ONNX model in ONNX Runtime with `emulate` (x86 has no NPU cores: the mode is ignored).
-    The Pipeline and board/bench.py (which measures every core mode) both open it here."""
+    host/ ONNX model in ONNX Runtime with `emulate` (x86 has no NPU cores: the mode is ignored);
+    `fallback`: the opt-in fp16 conv model instead (board.vision.vision_model chooses the file).
+    The Pipeline, board/bench.py and board/doctor.py open it here."""
+    model = bundle.vision_model(fallback)
     kwargs = dict(tokens_per_tile=bundle.prompt_format.image_seq_len, hidden_size=bundle.hidden_size,
-                  layout=bundle.vision_layout)
+                  layout=model.layout)
     if emulate:
-        return OnnxVisionEncoder(host_file(bundle, VISION_ONNX, verify), settings=bundle.split_settings, **kwargs)
-    return RKNNVisionEncoder(bundle.path(VISION_RKNN), tile=bundle.split_settings.tile, cores=npu_cores, **kwargs)
+        if model.onnx is None:
+            raise BundleError(f"the bundle names no ONNX model for {model.file}; emulation needs it", hint=S.REBUILD_HINT)
+        return OnnxVisionEncoder(host_file(bundle, model.onnx, verify), settings=bundle.split_settings, **kwargs)
+    return RKNNVisionEncoder(bundle.path(model.file), tile=bundle.split_settings.tile, cores=npu_cores,
+                             built_with=bundle.built_with.get(S.Toolkits.RKNN_TOOLKIT2), **kwargs)
 
 
 class Reply:
@@ -217,6 +231,8 @@ class Pipeline:
 
     One request at a time (the decoder holds one conversation); a server queues requests in front.
     `max_tiles` is the default tile budget per image (None: the checkpoint's full splitting).
+    `vision_fallback` opens the bundle's opt-in conv vision model; `embed_flash` (None: the bundle's
+    setting) and `rkllm_log_level` (None: RKLLM_LOG_LEVEL as it is) go to librkllmrt.
 
     A turn is `begin_turn()`, then the images (`encode_media`) and the prompt (`full_prompt` or
     `continuation_prompt`), then `reply()`. The decoder's KV cache holds at most one conversation's
@@ -238,6 +254,9 @@ class Pipeline:
         vision: Optional[VisionEncoder] = None,
         decoder: Optional[Decoder] = None,
         cache_bytes: int = 256 << 20,
+        vision_fallback: bool = False,
+        embed_flash: Optional[bool] = None,
+        rkllm_log_level: Optional[int] = None,
     ):
         t0 = time.perf_counter()
         self.vision: Optional[VisionEncoder] = None
@@ -263,10 +282,13 @@ class Pipeline:
         self.cache = VisionCache(cache_bytes)
         self._abort = threading.Event()
         self._history_owner: Optional[object] = None  # whose conversation the decoder's cache holds
+        self._history_reported = False  # a lost KV cache is reported once
+        self.vision_fallback = vision_fallback
         try:
             self.vision = vision if vision is not None else open_vision_encoder(
-                self.bundle, emulate=emulate, npu_cores=npu_cores, verify=verify)
-            self.decoder = decoder if decoder is not None else self._open_decoder(verify)
+                self.bundle, emulate=emulate, npu_cores=npu_cores, verify=verify, fallback=vision_fallback)
+            self.decoder = decoder if decoder is not None else self._open_decoder(
+                verify, self.bundle.embed_flash if embed_flash is None else embed_flash, rkllm_log_level)
         except BaseException:
             self.close()
             raise
@@ -274,7 +296,7 @@ class Pipeline:
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def _open_decoder(self, verify: bool) -> Decoder:
+    def _open_decoder(self, verify: bool, embed_flash: bool, log_level: Optional[int]) -> Decoder:
         if self.emulate:
             from .decoder_torch import TorchDecoder
 
@@ -284,7 +306,8 @@ class Pipeline:
         from .decoder_rkllm import RKLLMDecoder
 
         return RKLLMDecoder(self.bundle.path(DECODER_RKLLM), hidden_size=self.bundle.hidden_size,
-                            max_context=self.max_context, sampling=self.sampling, library_dirs=[self.bundle.root])
+                            max_context=self.max_context, sampling=self.sampling, library_dirs=[self.bundle.root],
+                            eos_token_ids=sorted(self.eos_token_ids), embed_flash=embed_flash, log_level=log_level)
 
     def close(self) -> None:
         """Release the NPU runtimes / models; safe to call twice."""
@@ -320,6 +343,8 @@ class Pipeline:
             "model": self.bundle.model_id,
             "tiny": self.bundle.is_tiny,
             "vision": getattr(self.vision, "backend", type(self.vision).__name__),
+            "vision_fallback": self.vision_fallback,
+            "vision_runtime": getattr(self.vision, "sdk_version", None),
             "npu_cores": getattr(self.vision, "cores", None),
             "decoder": type(self.decoder).__name__,
             "max_context": self.max_context,
@@ -409,6 +434,33 @@ class Pipeline:
         return build_prompt(messages, [e.plan for e in encoded], self.format, self.tokenizer, self.image_token_id,
                             max_tokens=self.max_context - 1)
 
+    def answer_room(self, used: int) -> int:
+        """New tokens that fit after `used` context positions: upstream's max_context > used + max_new_tokens."""
+        return self.max_context - 1 - used
+
+    def history_intact(self, owner: object, expected: int, turn: Turn) -> bool:
+        """Whether the decoder's KV cache holds exactly the `expected` positions of `owner`'s conversation.
+
+        A decoder that cannot say (no `history_tokens`) is trusted. On a mismatch the cache is cleared
+        so the caller re-feeds the whole conversation; the first time, the turn says why.
+        """
+        if not self.holds_history(owner):
+            return False
+        try:
+            held = getattr(self.decoder, "history_tokens", None)
+        except DecoderError:
+            held = -1
+        if held is None or held == expected:
+            return True
+        self._history_owner = None
+        self.decoder.reset()
+        if not self._history_reported:
+            self._history_reported = True
+            turn.notices.append(
+                f"the runtime's KV cache holds {held} tokens where the conversation expects {expected}: it did not keep "
+                "the history, so each turn re-feeds the whole conversation (slower, answers unchanged; reported once)")
+        return False
+
     def begin_turn(self) -> Turn:
         """A new turn: a fresh abort flag (an abort requested from now on stops this turn) and timings."""
         self._abort.clear()
@@ -433,6 +485,16 @@ class Pipeline:
             raise DecoderError("the pipeline is closed")
         if resume and not self.holds_history(history):
             raise DecoderError("the decoder's cache no longer holds this conversation; feed it whole")
+        sampling = sampling or self.sampling
+        used = (turn.timings.history_tokens if resume else 0) + len(prompt)
+        room = self.answer_room(used)
+        if room < 1:
+            raise ContextFull(f"the prompt leaves no room for an answer: {used} tokens, max_context is {self.max_context}",
+                              hint="start a new conversation, or use fewer image tiles or a shorter prompt")
+        if sampling.max_new_tokens > room:
+            turn.notices.append(f"max_new_tokens {sampling.max_new_tokens} capped to {room}: the context holds "
+                                f"{self.max_context} tokens and this turn starts at {used}")
+            sampling = replace(sampling, max_new_tokens=room)
         t0 = time.perf_counter()
         sequence = build_sequence(prompt, self.table, stack_rows([e.rows for e in encoded], self.table.shape[1]))
         turn.timings.sequence_ms += (time.perf_counter() - t0) * 1e3
@@ -441,8 +503,7 @@ class Pipeline:
             self._history_owner = history
             if history is not None:
                 self.decoder.reset()
-        steps = self.decoder.generate(sequence, sampling=sampling or self.sampling,
-                                      keep_history=history is not None)  # checks run now
+        steps = self.decoder.generate(sequence, sampling=sampling, keep_history=history is not None)  # checks run now
         return Reply(self, steps, prompt, turn, on_done)
 
     def generate(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
@@ -505,14 +566,14 @@ class Chat:
         turn = p.begin_turn()
         items, encoded = p.encode_media(images, video, turn.timings, max_tiles)
         message = {"role": "user", "content": items + [{"type": "text", "text": text}]}
-        continuing = self._resumable and p.holds_history(self)
+        continuing = self._resumable and p.history_intact(self, self._history, turn)
         if continuing:
             prompt = p.continuation_prompt(self._resume, [message], [e.plan for e in encoded])
-            fits = self._history + len(prompt) < p.max_context
+            fits = p.answer_room(self._history + len(prompt)) >= 1
         else:
             prompt = build_prompt(self._messages + [message], [e.plan for e in self._images + encoded], p.format,
                                   p.tokenizer, p.image_token_id)
-            fits = len(prompt) < p.max_context
+            fits = p.answer_room(len(prompt)) >= 1
         if not fits:
             used = self._history + len(prompt) if continuing else len(prompt)
             if len(self._messages) == len(self._system):  # nothing to drop: the message alone is too long

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only run the system checks, print them and exit with the status of the first "
                              "missing piece (python -m board.system_checks --help lists them)")
     parser.add_argument("--stats", action="store_true", help="print the timings to stderr after each answer")
+    parser.add_argument("--vision-fallback", action="store_true", help="use the bundle's fallback vision model "
+                        "(fp16, Rockchip's conv input layout; host.convert --vision-fallback) instead of the main one")
     return parser
 
 
@@ -240,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from board.pipeline import Pipeline
 
         with Pipeline(args.bundle, emulate=args.emulate, verify=not args.no_verify, npu_cores=args.npu_cores,
-                      max_tiles=args.max_tiles, sampling=sampling) as pipeline:
+                      max_tiles=args.max_tiles, sampling=sampling, vision_fallback=args.vision_fallback) as pipeline:
             if args.chat:
                 return chat_loop(pipeline, args, sampling, out)
             with Interrupts(pipeline):

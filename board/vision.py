@@ -16,6 +16,11 @@ by `tile_feed`; the layouts are defined once, in LAYOUTS): `conv` takes the tile
 on the NPU, normalized NCHW float in ONNX); `patches<p>` (e.g. `patches16`) takes the tile's p x p
 patch rows (`tiles.patchify`), raw values, the normalization being folded into the model's first MatMul.
 
+Which vision file a runtime opens is `vision_model`'s choice: the bundle's main model, or with
+`fallback` the opt-in fp16 `conv` model (host.convert --vision-fallback), Rockchip's own input format,
+for a board where the patch layout misbehaves. On the board the encoder reads librknnrt's version
+report (`sdk_version`) and refuses a runtime older than the rknn-toolkit2 that built the model.
+
 `VisionCache` keeps an image's rows for the session, keyed by a hash of the image bytes and the
 tile settings, so a follow-up question about the same picture does not encode it again.
 """
@@ -23,6 +28,7 @@ tile settings, so a follow-up question about the same picture does not encode it
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
 import re
 import threading
@@ -30,14 +36,16 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import numpy as np
 
-from .errors import RuntimeUnavailable, VisionError
+from . import bundle_schema as S
+from .errors import BundleError, RuntimeUnavailable, VisionError
 from .tiles import SplitSettings, TilePlan, normalize_tiles, patch_row_length, patchify
 
 NPU_CORE_MODES = ("parallel", "single", "all")
+log = logging.getLogger(__name__)
 _RKNNLITE_HINT = "pip install rknn-toolkit-lite2==2.5.0 on the board (aarch64), and put librknnrt.so in /usr/lib"
 
 
@@ -157,6 +165,63 @@ def tile_feed(layout: str) -> TileFeed:
     )
 
 
+# -- which vision model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisionModel:
+    """One of the bundle's vision models: its .rknn, its ONNX twin for emulation, layout and dtype."""
+
+    file: str
+    onnx: Optional[str]
+    layout: str
+    dtype: str
+    min_cosine: Optional[float]  # the accuracy threshold its build was held to (None: not recorded)
+    fallback: bool = False
+
+
+def vision_model(section: Mapping[str, Any], fallback: bool = False) -> VisionModel:
+    """The manifest's vision section -> the model to open: the main one, or its `conv` fallback."""
+    V, F, A = S.Vision, S.VisionFallback, S.VisionAccuracy
+    if not fallback:
+        accuracy = section.get(V.ACCURACY) or {}
+        return VisionModel(section[V.FILE], section.get(V.ONNX), section.get(V.LAYOUT, "conv"), section[V.DTYPE],
+                           accuracy.get(A.THRESHOLD))
+    spare = section.get(V.FALLBACK)
+    if not spare:
+        raise BundleError("this bundle has no fallback vision model",
+                          hint="convert it again with `python -m host.convert ... --vision-fallback`")
+    accuracy = spare.get(F.ACCURACY) or {}
+    return VisionModel(spare[F.FILE], spare.get(F.ONNX), spare[F.LAYOUT], spare[F.DTYPE], accuracy.get(A.THRESHOLD),
+                       fallback=True)
+
+
+def rknnrt_version(sdk_text: str) -> Optional[tuple[int, int, int]]:
+    """librknnrt's version from RKNNLite.get_sdk_version()'s report (the `rknnrt` / `DRV` entry)."""
+    for label in ("rknnrt", "DRV"):  # 'DRV: rknn_server: x, rknnrt: y' names the server first
+        match = re.search(label + r"\D*?(\d+)\.(\d+)\.(\d+)", sdk_text, re.IGNORECASE)
+        if match:
+            return int(match[1]), int(match[2]), int(match[3])
+    return None
+
+
+def check_rknn_runtime(sdk_text: Optional[str], built_with: Optional[str]) -> Optional[str]:
+    """Refuse a librknnrt older than the rknn-toolkit2 that built the model; return a notice when the
+    versions cannot be compared (None when they were and agree)."""
+    have = rknnrt_version(sdk_text or "")
+    want = re.match(r"(\d+)\.(\d+)\.(\d+)", built_with or "")
+    if have is None or want is None:
+        return f"cannot compare librknnrt ({sdk_text!r}) with the model's rknn-toolkit2 ({built_with!r})"
+    need = tuple(int(x) for x in want.groups())
+    if have < need:
+        raise RuntimeUnavailable(
+            f"librknnrt {'.'.join(map(str, have))} is older than rknn-toolkit2 {built_with}, which built the vision model",
+            hint=f"install librknnrt.so {built_with} or newer in /usr/lib (airockchip/rknn-toolkit2, "
+            "rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so)",
+        )
+    return None
+
+
 # -- encoders ---------------------------------------------------------------------------------
 
 
@@ -259,8 +324,10 @@ class RKNNVisionEncoder(VisionEncoder):
     backend = "rknnlite"
 
     def __init__(self, rknn_path: Union[str, Path], *, tile: int, tokens_per_tile: int, hidden_size: int,
-                 layout: str = "conv", cores: str = "parallel"):
+                 layout: str = "conv", cores: str = "parallel", built_with: Optional[str] = None):
         self._runtimes: list[Any] = []  # first, so close()/__del__ work after any failure below
+        self.sdk_version: Optional[str] = None  # librknnrt's own report, read after the first init
+        self.notices: list[str] = []
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         super().__init__(tile=tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size, feed=tile_feed(layout))
@@ -290,12 +357,24 @@ class RKNNVisionEncoder(VisionEncoder):
                         hint="check librknnrt.so in /usr/lib (2.5.0), the NPU driver, free memory, "
                         "or try --npu-cores single",
                     )
+                if i == 0:
+                    self._check_runtime(runtime, built_with)
                 self._idle.put(runtime)
             if len(masks) > 1:
                 self._pool = ThreadPoolExecutor(max_workers=len(masks), thread_name_prefix="npu-core")
         except BaseException:
             self.close()
             raise
+
+    def _check_runtime(self, runtime: Any, built_with: Optional[str]) -> None:
+        report = getattr(runtime, "get_sdk_version", None)
+        self.sdk_version = " ".join(str(report()).split()) if report else None
+        log.info("rknn-toolkit-lite2 / librknnrt: %s (vision model built by rknn-toolkit2 %s)", self.sdk_version,
+                 built_with)
+        notice = check_rknn_runtime(self.sdk_version, built_with)
+        if notice:
+            self.notices.append(notice)
+            log.warning(notice)
 
     def _run(self, tile: np.ndarray) -> np.ndarray:
         runtime = self._idle.get()  # the pool has as many threads as runtimes: one is always free

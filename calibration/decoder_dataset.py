@@ -10,16 +10,26 @@ reference vision tower + connector giving the image rows.
 Text-only conversations are built the same way (the board embeds those too). Targets are the fp32
 reference decoder's own greedy answers, so calibration also covers the model answering.
 
-Written as rkllm-toolkit reads it: a JSON list of `{"input_embed": [[[...]]], "target": "..."}`, one
-nested list [1, n_tokens, hidden] per sample. That is the layout of Rockchip's multimodal example up
-to rkllm-toolkit 1.2.3 (`examples/multimodal_model_demo/data/make_input_embeds_for_quantize.py`).
-The 1.3.0 example instead pickles the language model's forward kwargs (`inputs_embeds`, ...) one file
-per sample and lists them as `[{"sample": <path>, "token_nums": n}]`, while its export script still
-passes `data/inputs.json`; `write_sample_layout` writes that layout too, for a toolkit that wants it.
+Two layouts, one of them written (`layout`, host.convert's --decoder-calibration-layout):
 
-Size: every value is written as text (~11 bytes) and the toolkit holds the parsed lists in RAM
-(~36 bytes per value as Python floats), so the set is bounded by a number of values (default 12 M:
-~130 MB of JSON, ~0.45 GB parsed; 20k tokens at hidden 576, 5.8k at 2048) and by a number of
+- `samples` (the default): Rockchip's 1.3.0 multimodal example
+  (`examples/multimodal_model_demo/data/make_input_embeds_for_quantize.py`) pickles the language
+  model's forward kwargs (`inputs_embeds`, `attention_mask`, `position_ids`) one file per sample and
+  writes an index `[{"sample": "llm_inputs/sample_i", "token_nums": n}]` (`data/llm_inputs.json`), the
+  sample paths relative to the index's folder. Its README and export script then pass
+  `dataset='data/inputs.json'`, the name the 1.2.x script wrote: an upstream inconsistency. We hand
+  the toolkit the index itself (`decoder_calibration_samples.json` beside the
+  `decoder_calibration_samples/` folder): that is the file the 1.3.0 script writes, and the runner
+  starts the toolkit in the index's folder so the relative sample paths resolve either way.
+- `input_embed`: a JSON list of `{"input_embed": [[[...]]], "target": "..."}`, one nested list
+  [1, n_tokens, hidden] per sample, the layout of the example up to rkllm-toolkit 1.2.3 (issue #126).
+
+host/rkllm_runner.py checks from the toolkit's own side that it read the set (see there).
+
+Size: in the `input_embed` JSON every value is written as text (~11 bytes) and the toolkit holds the
+parsed lists in RAM (~36 bytes per value as Python floats); the pickles hold float32. The set is
+bounded by a number of values (default 12 M: ~130 MB of JSON or 48 MB of pickles, ~0.45 GB parsed;
+20k tokens at hidden 576, 5.8k at 2048) and by a number of
 reference tiles (the fp32 tower takes ~4 s per 512 tile on 2 cores: 48 tiles ~3.5 min at full size;
 `--decoder-calibration-tiles` of host.convert). The default plan spends the tiles on breadth: one
 image fully split (the ~900-token sequence the board sends by default) and one split at most 2 tiles
@@ -49,16 +59,27 @@ from board.prompt import PromptFormat, build_prompt, render_chat
 from board.sequence import build_sequence, stack_rows
 from board.tiles import SplitSettings, TiledImage, split_image
 from calibration.decoder_prompts import FOLLOW_UPS, QUESTIONS, SYSTEM, TEXT_ONLY
+from calibration.holdout import load_holdout, write_holdout  # noqa: F401 (load_holdout: read through here too)
 
-DATASET = "decoder_calibration.json"
+DATASET = "decoder_calibration.json"  # the input_embed layout
 DATASET_META = "decoder_calibration.meta.json"
-SAMPLE_LAYOUT = "decoder_calibration_samples"
+SAMPLE_LAYOUT = "decoder_calibration_samples"  # the samples layout: this folder + SAMPLE_LAYOUT.json, its index
 HOLDOUT = "decoder_holdout.npz"
+LAYOUTS = ("samples", "input_embed")  # board.bundle_schema.CALIBRATION_LAYOUTS; the first is the default
 DEFAULT_MAX_VALUES = 12_000_000
 DEFAULT_CALIBRATION_TILES = 48
 DEFAULT_HOLDOUT_TILES = 16
 # text-only conversations: the first ones calibrate, the last ones are held out
 HOLDOUT_TEXT = 3
+
+
+
+def dataset_file(layout: str) -> str:
+    """The file rkllm-toolkit's build(dataset=...) is given for a layout (relative to the calibration folder)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"calibration layout must be one of {LAYOUTS}, got {layout!r}")
+    return f"{SAMPLE_LAYOUT}.json" if layout == "samples" else DATASET
+
 
 Features = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC tiles [n, T, T, 3] -> [n, N, hidden] float32
 Progress = Callable[[str], None]
@@ -249,19 +270,26 @@ def generate_targets(samples: Sequence[Sample], decoder: Any, tokenizer: Any, eo
         torch.set_num_threads(threads)
 
 
-def _generate(samples: Sequence[Sample], decoder: Any, tokenizer: Any, eos_ids: Sequence[int], max_new_tokens: int,
-              progress: Optional[Progress]) -> None:
+def greedy_ids(decoder: Any, embeds: np.ndarray, eos_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The reference decoder's greedy continuation of an embedding sequence ([n, hidden]), its EOS id
+    included when it ends the answer: calibration targets and the board doctor's reference ids."""
     import torch
 
+    rows = torch.from_numpy(np.ascontiguousarray(embeds, np.float32))[None].to(decoder.dtype)
+    with torch.no_grad():
+        out = decoder.generate(
+            inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos_ids), pad_token_id=int(eos_ids[0]),
+        )
+    ids = [int(t) for t in out[0].tolist()]
+    stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    return ids if stop is None else ids[: stop + 1]
+
+
+def _generate(samples: Sequence[Sample], decoder: Any, tokenizer: Any, eos_ids: Sequence[int], max_new_tokens: int,
+              progress: Optional[Progress]) -> None:
     for i, sample in enumerate(samples):
-        embeds = torch.from_numpy(sample.embeds)[None].to(decoder.dtype)
-        with torch.no_grad():
-            out = decoder.generate(
-                inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos_ids),
-                pad_token_id=int(eos_ids[0]),
-            )
-        ids = [int(t) for t in out[0].tolist()]
+        ids = greedy_ids(decoder, sample.embeds, eos_ids, max_new_tokens)
         while ids and ids[-1] in eos_ids:
             ids.pop()
         sample.target_ids = ids
@@ -311,11 +339,9 @@ def write_meta(samples: Sequence[Sample], path: str | Path, extra: dict[str, Any
     Path(path).write_text(json.dumps({**extra, "samples": rows}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_sample_layout(samples: Sequence[Sample], folder: str | Path) -> Path:
-    """Rockchip's 1.3.0 example layout: one pickle of forward kwargs per sample + an index json.
-
-    Returns the index (`[{"sample": "<folder>/sample_i", "token_nums": n}]`, paths relative to it).
-    """
+def write_sample_layout(samples: Sequence[Sample], folder: str | Path) -> dict[str, Any]:
+    """Rockchip's 1.3.0 example layout: one pickle of forward kwargs per sample + an index json beside the
+    folder (`[{"sample": "<folder>/sample_i", "token_nums": n}]`, paths relative to the index's folder)."""
     import torch
 
     folder = Path(folder)
@@ -333,32 +359,8 @@ def write_sample_layout(samples: Sequence[Sample], folder: str | Path) -> Path:
         index.append({"sample": f"{folder.name}/sample_{i}", "token_nums": n})
     index_path = folder.parent / f"{folder.name}.json"
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-    return index_path
-
-
-def write_holdout(samples: Sequence[Sample], path: str | Path) -> Path:
-    """Held-out samples (embeddings, ids, image positions, names) for the accuracy check, as one .npz."""
-    arrays: dict[str, np.ndarray] = {}
-    for i, s in enumerate(samples):
-        arrays[f"embeds_{i}"] = s.embeds
-        arrays[f"input_ids_{i}"] = s.input_ids
-        arrays[f"image_positions_{i}"] = s.image_positions
-    meta = [{"name": s.name, "kind": s.kind, "images": s.images, "tokens": s.tokens} for s in samples]
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    path = Path(path)
-    np.savez(path, **arrays)
-    return path
-
-
-def load_holdout(path: str | Path) -> list[dict[str, Any]]:
-    """The held-out samples written by write_holdout: dicts with name, kind, embeds, input_ids, image_positions."""
-    with np.load(path) as data:
-        meta = json.loads(data["meta"].tobytes().decode())
-        return [
-            {**m, "embeds": data[f"embeds_{i}"], "input_ids": data[f"input_ids_{i}"],
-             "image_positions": data[f"image_positions_{i}"]}
-            for i, m in enumerate(meta)
-        ]
+    size = index_path.stat().st_size + sum(p.stat().st_size for p in folder.iterdir())
+    return {"file": index_path.name, "bytes": size, "samples": len(samples)}
 
 
 def validate_rkllm_dataset(path: str | Path, hidden: int) -> dict[str, Any]:
@@ -399,12 +401,13 @@ def build_decoder_calibration(
     holdout_tiles: int = DEFAULT_HOLDOUT_TILES,
     max_values: int = DEFAULT_MAX_VALUES,
     max_new_tokens: int = 32,
-    sample_layout: bool = False,
+    layout: str = LAYOUTS[0],
     progress: Optional[Progress] = None,
 ) -> dict[str, Any]:
-    """Write the calibration dataset (+ its meta, optionally the 1.3.0 sample layout) and the held-out
-    samples into out_dir; return a report with counts, sizes and timings. `calibration_tiles` and
+    """Write the calibration set in `layout` (module docstring) with its meta, and the held-out samples,
+    into out_dir; return a report with counts, sizes and timings. `calibration_tiles` and
     `holdout_tiles` are the reference tiles each set may spend."""
+    dataset_file(layout)  # a bad layout is refused before anything long runs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hidden = int(builder.table.shape[1])
@@ -421,8 +424,17 @@ def build_decoder_calibration(
     t_embed = time.monotonic() - t0
     generate_targets(samples, decoder, tokenizer, eos_ids, max_new_tokens=max_new_tokens, progress=progress)
     t_targets = time.monotonic() - t0 - t_embed
-    written = write_rkllm_dataset(samples, out / DATASET)
+    for stale in (out / DATASET, out / f"{SAMPLE_LAYOUT}.json"):  # the other layout of an earlier run
+        stale.unlink(missing_ok=True)
+    if (out / SAMPLE_LAYOUT).is_dir():
+        for old in (out / SAMPLE_LAYOUT).iterdir():
+            old.unlink()
+    if layout == "samples":
+        written = write_sample_layout(samples, out / SAMPLE_LAYOUT)
+    else:
+        written = write_rkllm_dataset(samples, out / DATASET)
     report: dict[str, Any] = {
+        "layout": layout,
         "dataset": written,
         "samples": len(samples),
         "image_samples": sum(s.kind == "image" for s in samples),
@@ -439,7 +451,5 @@ def build_decoder_calibration(
         "seconds": {"embeddings": round(t_embed, 1), "targets": round(t_targets, 1)},
     }
     write_holdout(holdout, out / HOLDOUT)
-    if sample_layout:
-        report["sample_layout"] = write_sample_layout(samples, out / SAMPLE_LAYOUT).name
     write_meta(samples, out / DATASET_META, {k: v for k, v in report.items() if k != "samples"})
     return report

@@ -142,8 +142,10 @@ def vision_section(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def decoder_section(hf_config: dict[str, Any], *, max_context: int, rkllm: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """The decoder's shape (from the extracted folder's config.json) and, when built, how decoder.rkllm was made."""
+def decoder_section(hf_config: dict[str, Any], *, max_context: int, rkllm: Optional[dict[str, Any]],
+                    embed_flash: bool = False) -> dict[str, Any]:
+    """The decoder's shape (from the extracted folder's config.json) and, when built, how decoder.rkllm was made
+    (host.rkllm_runner's report: toolkit, options, calibration evidence, accuracy)."""
     K = S.Decoder
     section: dict[str, Any] = {
         K.FILE: S.DECODER_RKLLM if rkllm else None,
@@ -153,6 +155,7 @@ def decoder_section(hf_config: dict[str, Any], *, max_context: int, rkllm: Optio
         K.NUM_HIDDEN_LAYERS: int(hf_config["num_hidden_layers"]),
         K.MAX_CONTEXT: int(max_context),
         K.MAX_POSITION_EMBEDDINGS: int(hf_config["max_position_embeddings"]),
+        K.EMBED_FLASH: bool(embed_flash),
     }
     if rkllm:
         options = rkllm["options"]  # host.decoder_rkllm.RKLLMOptions' fields
@@ -162,6 +165,8 @@ def decoder_section(hf_config: dict[str, Any], *, max_context: int, rkllm: Optio
             K.QUANTIZED_ALGORITHM: options["quantized_algorithm"],
             K.TARGET_PLATFORM: options["target_platform"],
             K.NUM_NPU_CORE: options["num_npu_core"],
+            K.OPTIMIZATION_LEVEL: options["optimization_level"],
+            K.CALIBRATION: rkllm.get("calibration") or {},
             K.ACCURACY: {k: v for k, v in (rkllm.get("accuracy") or {}).items() if k not in ("samples", "not_measured")},
         })
     else:
@@ -199,6 +204,7 @@ def write_manifest(
     embeddings: dict[str, Any],
     generation: dict[str, Any],
     video: Optional[dict[str, Any]] = None,
+    reference: Optional[dict[str, Any]] = None,
     extra_files: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Checksum every file of the bundle and write manifest.json (atomically, last: a bundle without a
@@ -207,7 +213,13 @@ def write_manifest(
     board_files = [S.VISION_RKNN, S.EMBEDDINGS, S.TOKENIZER]
     if decoder.get(S.Decoder.FILE):
         board_files.append(S.DECODER_RKLLM)
-    host_files = [rel for rel in (S.VISION_ONNX, S.DECODER_HF, *extra_files) if (root / rel).exists()]
+    fallback = vision.get(S.Vision.FALLBACK)
+    if fallback:
+        board_files.append(fallback[S.VisionFallback.FILE])
+    if reference:
+        board_files.append(reference[S.Reference.FILE])
+    host = [S.VISION_ONNX, S.DECODER_HF, *([fallback[S.VisionFallback.ONNX]] if fallback else []), *extra_files]
+    host_files = [rel for rel in host if (root / rel).exists()]
     missing = [rel for rel in board_files if not (root / rel).is_file()]
     if missing:
         raise FileNotFoundError(f"cannot write the manifest: missing {', '.join(missing)} in {root}")
@@ -229,6 +241,8 @@ def write_manifest(
     }
     if video:
         manifest[M.VIDEO] = video
+    if reference:
+        manifest[M.REFERENCE] = reference
     S.validate(manifest)  # what the reader would refuse is not written
     tmp = root / (S.MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

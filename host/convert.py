@@ -10,9 +10,13 @@ so an interrupted or repeated conversion resumes, and a changed option redoes on
   text         tokenizer.json, embed_tokens.npy (fp16) and the prompt format, checked against the
                checkpoint's Jinja chat template
   decoder      host/decoder: the text model as a standalone LlamaForCausalLM folder (logits checked)
-  calibration  host/decoder_calibration.json: multimodal embedding sequences for W8A8 (+ hold-out set)
+  calibration  host/decoder_calibration_samples.json (+ folder; or host/decoder_calibration.json with
+               --decoder-calibration-layout input_embed): multimodal sequences for W8A8 (+ hold-out set)
   vision       vision.rknn (+ host/vision.onnx, accuracy and op reports): rknn-toolkit2, simulator-checked
-  rkllm        decoder.rkllm (+ host/decoder.accuracy.json): rkllm-toolkit 1.3.0 W8A8
+  vision-fallback  (--vision-fallback) vision_conv.rknn: the fp16 model in Rockchip's conv input layout
+  reference    reference.npz + the manifest's reference: what `python -m board doctor` compares with
+  rkllm        decoder.rkllm (+ host/decoder.accuracy.json, host/decoder.log): rkllm-toolkit 1.3.0 W8A8,
+               run in its own venv (.venv-rkllm, scripts/setup_rkllm_toolkit.sh) as a subprocess
   manifest     manifest.json: settings, versions and the sha256 of every file (always rewritten)
   self-check   the bundle opened as the board opens it; its prompt format and tokenizer reproduce the
                reference processor's token ids and pixels on a real image (always run)
@@ -48,7 +52,7 @@ from board.prompt import PromptFormat
 
 STATE = "host/convert_state.json"
 REPORT = "host/convert_report.json"
-STAGES = ("text", "decoder", "calibration", "vision", "rkllm", "manifest", "self-check")
+STAGES = ("text", "decoder", "calibration", "vision", "vision-fallback", "reference", "rkllm", "manifest", "self-check")
 DEFAULT_MAX_CONTEXT = 4096
 LLAMA_DEFAULT_POSITIONS = 8192  # a text config without max_position_embeddings (never seen in SmolVLM)
 # the standalone decoder must reproduce SmolVLM's text path: same weights, same fp32 arithmetic
@@ -229,9 +233,17 @@ class Job:
         inner = self.model.model
         return vision_tower(inner.vision_model, inner.connector, self.args.vision_layout, settings=self.settings)
 
+    @cached_property
+    def conv_tower(self) -> Any:
+        """The tower in Rockchip's own conv input layout, for --vision-fallback."""
+        from host.vision_export import vision_tower
+
+        inner = self.model.model
+        return vision_tower(inner.vision_model, inner.connector, "conv", settings=self.settings)
+
     def release_model(self) -> None:
         """Free the PyTorch weights before the toolkits load their own copies."""
-        for name in ("model", "tower"):
+        for name in ("model", "tower", "conv_tower"):
             self.__dict__.pop(name, None)
         gc.collect()
 
@@ -337,7 +349,7 @@ def stage_calibration(job: Job, text: dict[str, Any]) -> dict[str, Any]:
         job.root / B.HOST_DIR, builder=builder, decoder=load_decoder(job.root / B.DECODER_HF), tokenizer=tokenizer,
         eos_ids=text[M.GENERATION][S.Generation.EOS_TOKEN_IDS], images=job.calibration_images(),
         holdout_images=job.holdout_images(), calibration_tiles=job.args.decoder_calibration_tiles,
-        max_new_tokens=job.args.decoder_target_tokens, sample_layout=job.args.decoder_sample_layout,
+        max_new_tokens=job.args.decoder_target_tokens, layout=job.args.decoder_calibration_layout,
         progress=lambda message: job.log(f"calibration: {message}"),
     )
 
@@ -355,35 +367,82 @@ def stage_vision(job: Job, options: Any) -> dict[str, Any]:
     return {"section": vision_section(report), "accuracy": report["accuracy"], "rknn_mb": report.get("rknn_mb")}
 
 
+def stage_vision_fallback(job: Job) -> dict[str, Any]:
+    """The opt-in second vision model: fp16, conv layout (Rockchip's own input format)."""
+    from host.vision_rknn import BuildOptions, Progress, convert_vision
+
+    host = job.root / B.HOST_DIR
+    report = convert_vision(
+        job.conv_tower, job.settings, host, BuildOptions(dtype="fp16"), holdout_images=job.holdout_images(),
+        name="vision_conv", progress=Progress(enabled=not job.log.quiet),
+    )
+    os.replace(host / "vision_conv.rknn", job.root / S.VISION_FALLBACK_RKNN)
+    F = S.VisionFallback
+    return {F.FILE: S.VISION_FALLBACK_RKNN, F.ONNX: S.VISION_FALLBACK_ONNX, F.DTYPE: report["dtype"],
+            F.LAYOUT: report["layout"], F.ACCURACY: {k: report["accuracy"][k] for k in S.keys(S.VisionAccuracy)}}
+
+
+def stage_reference(job: Job, text: dict[str, Any]) -> dict[str, Any]:
+    """What the board doctor compares with: a tile's full-precision rows and the fp32 decoder's greedy ids."""
+    from tokenizers import Tokenizer
+
+    from calibration.decoder_dataset import greedy_ids
+    from host.decoder_export import load_decoder
+    from host.reference import write_reference
+    from host.vision_export import reference_features
+
+    settings, tower = job.settings, job.tower
+    section = write_reference(
+        job.root, image=job.holdout_images()[0], settings=settings,
+        features=lambda tiles: reference_features(tower, tiles, settings), decoder=load_decoder(job.root / B.DECODER_HF),
+        fmt=PromptFormat.from_dict(text[M.PROMPT]), tokenizer=Tokenizer.from_file(str(job.root / B.TOKENIZER)),
+        image_token_id=text[M.TOKENIZER][S.Tokenizer.IMAGE_TOKEN_ID], table=np.load(job.root / B.EMBEDDINGS),
+        eos_ids=text[M.GENERATION][S.Generation.EOS_TOKEN_IDS], greedy=greedy_ids,
+    )
+    eos = section[S.Reference.EOS_PROMPT]
+    job.log(f"reference: {section[S.Reference.SOURCE]} tile; greedy ids "
+            + ", ".join(f"{p['name']} {len(p['greedy_ids'])}" for p in section[S.Reference.PROMPTS])
+            + (f"; eos check on '{eos['name']}' ({len(eos['greedy_ids'])} tokens)" if eos
+               else f"; the model ends none of the eos candidates within {section[S.Reference.EOS_SEARCH_TOKENS]} "
+                    "tokens, so the doctor's eos check will be skipped"))
+    return section
+
+
 def stage_rkllm(job: Job, options: Any) -> dict[str, Any]:
-    from calibration.decoder_dataset import DATASET, HOLDOUT, SAMPLE_LAYOUT, load_holdout
+    from calibration.decoder_dataset import HOLDOUT, dataset_file
     from host.decoder_rkllm import build_decoder_rkllm
 
     host = job.root / B.HOST_DIR
-    dataset = host / (f"{SAMPLE_LAYOUT}.json" if job.args.decoder_sample_layout else DATASET)
+    layout = job.args.decoder_calibration_layout
     report = build_decoder_rkllm(
-        job.root / B.DECODER_HF, dataset, host / "decoder.rkllm", options=options,
-        holdout=load_holdout(host / HOLDOUT), progress=lambda message: job.log(f"rkllm: {message}"),
+        job.root / B.DECODER_HF, host / dataset_file(layout), host / "decoder.rkllm", layout=layout, options=options,
+        holdout=host / HOLDOUT, hidden_size=json.loads((job.root / B.DECODER_HF / "config.json").read_text())["hidden_size"],
+        python=job.args.rkllm_python, progress=lambda message: job.log(f"rkllm: {message}"),
     )
     os.replace(host / "decoder.rkllm", job.root / B.DECODER_RKLLM)
     return report
 
 
 def stage_manifest(job: Job, text: dict[str, Any], vision: dict[str, Any], rkllm: Optional[dict[str, Any]],
-                   max_context: int) -> dict[str, Any]:
+                   max_context: int, fallback: Optional[dict[str, Any]] = None,
+                   reference: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from host.bundle_writer import decoder_section, write_manifest
 
     hf_config = json.loads((job.root / B.DECODER_HF / "config.json").read_text())
+    section = dict(vision["section"])
+    if fallback:
+        section[S.Vision.FALLBACK] = fallback
     manifest = write_manifest(
         job.root,
         checkpoint=job.checkpoint,
         prompt_format=PromptFormat.from_dict(text[M.PROMPT]),
         tokenizer_info=text[M.TOKENIZER],
-        vision=vision["section"],
-        decoder=decoder_section(hf_config, max_context=max_context, rkllm=rkllm),
+        vision=section,
+        decoder=decoder_section(hf_config, max_context=max_context, rkllm=rkllm, embed_flash=job.args.embed_flash),
         embeddings=text[M.EMBEDDINGS],
         generation=text[M.GENERATION],
         video=text.get(M.VIDEO),
+        reference=reference,
     )
     files = manifest[M.FILES]
     board_bytes = sum(e[S.FileEntry.BYTES] for rel, e in files.items() if not rel.startswith(S.HOST_DIR + "/"))
@@ -496,8 +555,11 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     # what is missing is said before anything long starts
     require_rknn_toolkit()
     if not args.skip_decoder:
-        require_rkllm_toolkit()
+        require_rkllm_toolkit(args.rkllm_python)
     v_options = vision_options(args)
+    if args.vision_fallback and v_options.dtype == "fp16" and args.vision_layout == "conv":
+        raise InputError("--vision-fallback adds an fp16 conv-layout vision model, which this bundle's main one already is",
+                         hint="drop --vision-fallback, or keep the default --vision-layout patches")
     job = Job(args, root, log)
     stages = Stages(root, log, args.force)
     ck = job.checkpoint
@@ -514,17 +576,31 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     decoder_key = fingerprint("decoder", base)
     decoder = stages.run("decoder", decoder_key, [B.DECODER_HF + "/config.json"], lambda: stage_decoder(job, text))
     calibration_key = fingerprint("calibration", decoder_key, images_key, holdout_key, args.decoder_calibration_tiles,
-                                  args.decoder_target_tokens, args.decoder_sample_layout)
+                                  args.decoder_target_tokens, args.decoder_calibration_layout)
     if args.skip_decoder:
         stages.not_run("calibration", "--skip-decoder")
     else:
-        from calibration.decoder_dataset import DATASET
+        from calibration.decoder_dataset import dataset_file
 
-        stages.run("calibration", calibration_key, [f"{B.HOST_DIR}/{DATASET}"], lambda: stage_calibration(job, text))
+        stages.run("calibration", calibration_key, [f"{B.HOST_DIR}/{dataset_file(args.decoder_calibration_layout)}"],
+                   lambda: stage_calibration(job, text))
     vision_key = fingerprint("vision", base, asdict(v_options), args.vision_layout,
                              images_key if v_options.dtype == "int8" else None,
                              holdout_key, package_version("rknn-toolkit2"))
     vision = stages.run("vision", vision_key, [B.VISION_RKNN, B.VISION_ONNX], lambda: stage_vision(job, v_options))
+    fallback = None
+    if args.vision_fallback:
+        fallback = stages.run("vision-fallback", fingerprint("vision-fallback", base, holdout_key,
+                                                             package_version("rknn-toolkit2")),
+                              [S.VISION_FALLBACK_RKNN, S.VISION_FALLBACK_ONNX], lambda: stage_vision_fallback(job))
+    else:
+        stages.not_run("vision-fallback", "no --vision-fallback")
+        for stale in (S.VISION_FALLBACK_RKNN, S.VISION_FALLBACK_ONNX):
+            if (root / stale).exists():
+                (root / stale).unlink()
+                log(f"removed {stale} of an earlier run: this bundle is converted without --vision-fallback")
+    reference = stages.run("reference", fingerprint("reference", decoder_key, holdout_key), [S.REFERENCE],
+                           lambda: stage_reference(job, text))
     job.release_model()
     rkllm = None
     if args.skip_decoder:
@@ -533,10 +609,12 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
             (root / B.DECODER_RKLLM).unlink()
             log(f"removed {B.DECODER_RKLLM} of an earlier run: this bundle is converted with --skip-decoder")
     else:
-        r_options = RKLLMOptions(max_context=max_context)
-        rkllm_key = fingerprint("rkllm", decoder_key, calibration_key, asdict(r_options), toolkit_version())
+        r_options = RKLLMOptions(max_context=max_context, optimization_level=args.rkllm_optimization_level)
+        rkllm_key = fingerprint("rkllm", decoder_key, calibration_key, asdict(r_options),
+                                toolkit_version(args.rkllm_python), args.decoder_calibration_layout)
         rkllm = stages.run("rkllm", rkllm_key, [B.DECODER_RKLLM], lambda: stage_rkllm(job, r_options))
-    written = stages.run("manifest", "", [], lambda: stage_manifest(job, text, vision, rkllm, max_context), always=True)
+    written = stages.run("manifest", "", [], lambda: stage_manifest(job, text, vision, rkllm, max_context, fallback,
+                                                                    reference), always=True)
     check = stages.run("self-check", "", [], lambda: stage_self_check(job), always=True)
 
     summary = {
@@ -561,13 +639,13 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any]) -> None:
     lines = [f"\nbundle: {summary['bundle']}  ({summary['board_mb']} MB for the board"
              + (", tiny random-weight model: answers are noise)" if summary["tiny"] else ")")]
-    lines.append(f"{'stage':<12} {'status':<28} {'seconds':>8} {'peak RSS MB':>12}")
+    lines.append(f"{'stage':<16} {'status':<28} {'seconds':>8} {'peak RSS MB':>12}")
     for name in STAGES:
         row = summary["stages"].get(name)
         if row:
             rss = "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
-            lines.append(f"{name:<12} {row['status']:<28} {row['seconds']:>8.1f} {rss:>12}")
-    lines.append(f"{'total':<12} {'':<28} {summary['total_seconds']:>8.1f} {summary['peak_rss_mb']:>12.0f}")
+            lines.append(f"{name:<16} {row['status']:<28} {row['seconds']:>8.1f} {rss:>12}")
+    lines.append(f"{'total':<16} {'':<28} {summary['total_seconds']:>8.1f} {summary['peak_rss_mb']:>12.0f}")
     acc = summary["vision_accuracy"]
     lines.append(f"vision simulator vs PyTorch: cosine min {acc['cosine_min']:.5f}; decoder: {summary['decoder']}")
     print("\n".join(lines), file=sys.stderr)
@@ -607,9 +685,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="reference vision tiles spent on the calibration set (~4 s each at full size)")
     decoder.add_argument("--decoder-target-tokens", type=int, default=32,
                          help="length of the reference answers used as calibration targets")
-    decoder.add_argument("--decoder-sample-layout", action="store_true",
-                         help="calibrate from Rockchip's 1.3.0 example layout (pickled inputs_embeds per sample) "
-                              "instead of the input_embed JSON")
+    decoder.add_argument("--decoder-calibration-layout", choices=S.CALIBRATION_LAYOUTS, default=S.CALIBRATION_LAYOUTS[0],
+                         help="'samples': Rockchip's 1.3.0 example layout (pickled forward inputs per sample + an index "
+                              "json, handed to the toolkit); 'input_embed': the <=1.2.3 JSON of nested embedding lists")
+    rkllm = parser.add_argument_group("decoder build (rkllm-toolkit 1.3.0, in its own venv)")
+    rkllm.add_argument("--rkllm-python", metavar="PATH",
+                       help="the toolkit venv's python (default: $SMOLVLM_RKLLM_PYTHON, else .venv-rkllm/bin/python, "
+                            "made by scripts/setup_rkllm_toolkit.sh)")
+    rkllm.add_argument("--rkllm-optimization-level", type=int, choices=(0, 1), default=0,
+                       help="rkllm-toolkit build(optimization_level=...): 0 as rknn-llm's benchmark.md says all its "
+                            "published figures were converted with; recorded in the manifest")
+    rkllm.add_argument("--embed-flash", action="store_true",
+                       help="record embed_flash=1 as the board's default (librkllmrt reads its word-embedding table "
+                            "from flash: less RAM; the board feeds embeddings itself)")
+    parser.add_argument("--vision-fallback", action="store_true",
+                        help="also build vision_conv.rknn: the fp16 model in Rockchip's own conv input layout, which "
+                             "the board uses with --vision-fallback if the patch layout misbehaves there")
     return parser
 
 

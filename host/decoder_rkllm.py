@@ -1,44 +1,55 @@
-"""Build `decoder.rkllm` with Rockchip's rkllm-toolkit 1.3.0, and measure it against PyTorch.
+"""Build `decoder.rkllm` with Rockchip's rkllm-toolkit 1.3.0, in the toolkit's own venv, and measure it.
 
-The toolkit is optional on every machine (it is not on PyPI and pins torch 2.6): it is imported only
-here, lazily, and its absence is a RuntimeUnavailable that says how to install it. Nothing in this
-project imitates its results.
+rkllm-toolkit 1.3.0 pins torch 2.6.0 and its own transformers (Python 3.9-3.12); this venv runs torch
+2.13. So the toolkit gets a venv of its own (`scripts/setup_rkllm_toolkit.sh WHEEL` makes `.venv-rkllm`
+with upstream's pins and a CPU torch 2.6.0), and this module runs the step there as a subprocess
+(`python -m host.rkllm_runner JOB`, see that module) on files host.convert wrote: the extracted Llama
+folder, the calibration set and the held-out samples. The toolkit's output is the log beside the model
+(`host/decoder.log` in the bundle), a heartbeat line shows the phase every 30 s, and a missing venv or
+wheel is a RuntimeUnavailable that says how to make it. Nothing in this project imitates the
+toolkit's results; the tests' stand-in (tests/standin_rkllm) says what it is in the log.
 
-The build follows Rockchip's documented call sequence: `load_huggingface(model=<the extracted Llama
-folder>)`, `build(do_quantization=True, quantized_dtype='w8a8', quantized_algorithm='normal',
-optimization_level=1, target_platform='rk3588', num_npu_core=3, max_context=..., dataset=<json>)`,
-`export_rkllm(path)`. After `build()` the toolkit can run the quantized model on x86
-(`get_logits`, inputs given as for a Hugging Face forward); the held-out samples are run through it
-and through the fp32 PyTorch decoder on the same embeddings, and the agreement is written as JSON
-next to the model. The toolkit's console output goes to a log file beside it.
+The build follows Rockchip's documented call sequence: `load_huggingface(model=<folder>)`,
+`build(do_quantization=True, quantized_dtype='w8a8', quantized_algorithm='normal',
+optimization_level=0, target_platform='rk3588', num_npu_core=3, max_context=..., dataset=<file>)`,
+`export_rkllm(path)`. optimization_level is 0 by default: rknn-llm's benchmark.md says "All models
+should be converted with optimization_level set to 0" (its published figures), while the multimodal
+example's export script uses 1; it is an option and the manifest records it. After `build()` the
+toolkit runs the quantized model on x86 (`get_logits`): the held-out samples go through it and through
+the fp32 PyTorch decoder, and the agreement is written as JSON next to the model. Then the runner's
+evidence that the toolkit read the calibration set is checked (`check_calibration_read`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
-
-import numpy as np
+from typing import Any, Callable, Optional
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from board.system_checks import PLATFORM
-from host.toolkit_console import heartbeat, require_conversion_host, toolkit_output
+from host.rkllm_runner import EXIT_NO_TOOLKIT, loaded_examples
+from host.toolkit_console import require_conversion_host
 
+ROOT = Path(__file__).resolve().parent.parent
 MAX_CONTEXT_LIMIT = 16384  # rkllm-toolkit 1.3.0: at most 16384, a multiple of 32
 CONTEXT_ALIGN = 32
 TOOLKIT_VERSION = "1.3.0"
+VENV = ".venv-rkllm"  # scripts/setup_rkllm_toolkit.sh's default, in the repository
+PYTHON_ENV = "SMOLVLM_RKLLM_PYTHON"  # another interpreter for the step (host.convert --rkllm-python)
+HEARTBEAT_S = 30
 INSTALL_HINT = (
     "rkllm-toolkit is Rockchip's x86_64 Linux wheel, published only in the GitHub repository "
     "airockchip/rknn-llm (release v1.3.0, folder rkllm-toolkit/packages/): take "
-    "rkllm_toolkit-1.3.0-cp3XX-cp3XX-linux_x86_64.whl for your Python (cp311 for Python 3.11) and run "
-    "`.venv/bin/pip install --no-deps <wheel>`. Its metadata pins torch==2.6.0 and transformers==5.8.0: "
-    "installed with its dependencies it would replace this venv's torch 2.13 (and pull GBs of CUDA "
-    "packages), so keep --no-deps and add what it imports from rkllm-toolkit/packages/requirements.txt "
-    "without torch/torchvision; or give it a separate venv with torch 2.6.0 (CPU build). "
+    "rkllm_toolkit-1.3.0-cp3XX-cp3XX-linux_x86_64.whl for a Python 3.9-3.12 you have (cp311 for Python 3.11) "
+    f"and run `bash scripts/setup_rkllm_toolkit.sh <wheel>`: it makes {VENV}/ with the toolkit's own pins "
+    "(torch==2.6.0 as a CPU build, transformers==5.8.0), apart from this venv's torch 2.13. "
     "Without it, convert with --skip-decoder: everything else is built and the bundle runs in x86 emulation"
 )
 
@@ -54,7 +65,7 @@ class RKLLMOptions:
     max_context: int = 4096
     quantized_dtype: str = "w8a8"
     quantized_algorithm: str = "normal"
-    optimization_level: int = 1
+    optimization_level: int = 0  # rknn-llm benchmark.md: "All models should be converted with optimization_level set to 0"
     target_platform: str = PLATFORM
     num_npu_core: int = 3
     load_dtype: str = "float32"
@@ -81,121 +92,93 @@ def validate_max_context(value: Any, *, model_max: Optional[int] = None) -> int:
     return n
 
 
-def require_rkllm_toolkit() -> type:
-    """The RKLLM class, or a RuntimeUnavailable that says how to install the toolkit."""
+def toolkit_python(explicit: Optional[str | Path] = None) -> Path:
+    """The interpreter that runs the toolkit: `explicit`, else $SMOLVLM_RKLLM_PYTHON, else .venv-rkllm's."""
+    chosen = explicit or os.environ.get(PYTHON_ENV)
+    return Path(chosen).expanduser() if chosen else ROOT / VENV / "bin" / "python"
+
+
+def runner_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The runner's environment: this repository importable (host.rkllm_runner, calibration.holdout)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+
+
+@lru_cache(maxsize=8)
+def _probe(python: str) -> dict[str, Any]:
+    try:
+        done = subprocess.run([python, "-m", "host.rkllm_runner", "--probe"], capture_output=True, text=True,
+                              env=runner_env(), cwd=ROOT, timeout=300)
+    except OSError as exc:
+        return {"error": f"cannot run {python}: {exc}"}
+    except subprocess.TimeoutExpired:
+        return {"error": f"{python} -m host.rkllm_runner --probe did not answer in 300 s"}
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"{python} could not run host.rkllm_runner (exit {done.returncode}): {tail[0]}"}
+    if done.returncode == EXIT_NO_TOOLKIT and "error" not in answer:
+        answer["error"] = "rkllm-toolkit is not importable"
+    return answer
+
+
+def require_rkllm_toolkit(python: Optional[str | Path] = None) -> dict[str, Any]:
+    """What the toolkit interpreter runs (host.rkllm_runner --probe), or a RuntimeUnavailable saying how to
+    make it: no venv, or a venv without the wheel."""
     require_conversion_host("rkllm-toolkit")
+    interpreter = toolkit_python(python)
+    if not interpreter.exists():
+        where = f"${PYTHON_ENV}" if os.environ.get(PYTHON_ENV) and not python else "--rkllm-python" if python else VENV
+        raise RuntimeUnavailable(f"rkllm-toolkit {TOOLKIT_VERSION} has no venv here: {interpreter} ({where}) does not exist",
+                                 hint=INSTALL_HINT)
+    found = _probe(str(interpreter))
+    if "error" in found:
+        raise RuntimeUnavailable(f"rkllm-toolkit {TOOLKIT_VERSION} is not installed in {interpreter}: {found['error']}",
+                                 hint=INSTALL_HINT)
+    return found
+
+
+def toolkit_version(python: Optional[str | Path] = None) -> Optional[str]:
+    """The toolkit version the interpreter runs (None when it has none)."""
     try:
-        from rkllm.api import RKLLM
-    except ImportError as exc:
-        raise RuntimeUnavailable(f"rkllm-toolkit {TOOLKIT_VERSION} is not installed ({exc})", hint=INSTALL_HINT) from exc
-    return RKLLM
-
-
-def toolkit_version() -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version("rkllm-toolkit")
-    except metadata.PackageNotFoundError:
+        return require_rkllm_toolkit(python).get("rkllm_toolkit")
+    except RuntimeUnavailable:
         return None
 
 
-@contextlib.contextmanager
-def _output_to(log_path: Path, title: str, heartbeat_s: int = 0) -> Iterator[None]:
-    """The toolkit's chatter to log_path, with a 'still running' line on the console every heartbeat_s."""
-    with toolkit_output(log_path, title) as console, heartbeat(console, "rkllm", title, heartbeat_s):
-        yield
-
-
-def _check(ret: Any, what: str, log: Path) -> None:
-    if ret != 0:
-        raise DecoderBuildError(f"rkllm-toolkit {what} failed (returned {ret})", hint=f"see the toolkit's log: {log}")
-
-
 # ---------------------------------------------------------------------------------------------
-# Accuracy: the toolkit's x86 run of the quantized model vs the fp32 PyTorch decoder
+# The build, in the toolkit's venv
 # ---------------------------------------------------------------------------------------------
 
 
-def logit_agreement(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
-    """How close quantized logits [n, vocab] are to the reference: next-token argmax agreement over
-    all positions and at the last one (the first answer token), mean KL(ref || quantized), mean cosine."""
-    a = actual.astype(np.float64)
-    e = expected.astype(np.float64)
-    log_pa = a - a.max(1, keepdims=True)
-    log_pa -= np.log(np.exp(log_pa).sum(1, keepdims=True))
-    log_pe = e - e.max(1, keepdims=True)
-    log_pe -= np.log(np.exp(log_pe).sum(1, keepdims=True))
-    kl = (np.exp(log_pe) * (log_pe - log_pa)).sum(1)
-    cos = (a * e).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1) + 1e-30)
-    return {
-        "top1_agreement": float((a.argmax(1) == e.argmax(1)).mean()),
-        "last_token_top1_match": bool(a[-1].argmax() == e[-1].argmax()),
-        "kl_mean": float(kl.mean()),
-        "cosine_mean": float(cos.mean()),
-        "positions": int(len(a)),
-    }
+def check_calibration_read(report: dict[str, Any], log_text: str) -> dict[str, Any]:
+    """The evidence that the toolkit calibrated on the set it was given, or a DecoderBuildError.
 
-
-def _toolkit_logits(llm: Any, inputs: dict[str, Any]) -> Optional[np.ndarray]:
-    out = llm.get_logits(inputs)
-    if out is None:
-        return None
-    array = out.detach().float().cpu().numpy() if hasattr(out, "detach") else np.asarray(out, np.float32)
-    return array.reshape(-1, array.shape[-1])
-
-
-def evaluate_holdout(llm: Any, decoder: Any, holdout: Sequence[dict[str, Any]],
-                     progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Run held-out samples through the toolkit's quantized model and the PyTorch decoder.
-
-    Embedding input is what the board feeds, so it is tried first (`inputs_embeds`). If this toolkit's
-    get_logits does not take embeddings, text-only samples are still measured through `input_ids` (the
-    toolkit embeds them with its own table) and image samples are reported as not measured, with why.
+    Evidence, from the toolkit's side: the files of the set it opened during build() (the runner's audit
+    hook) and the `Generating train split: N examples` count it printed. A count other than the samples
+    given, or neither a count nor an opened file, means it calibrated on something else or on nothing.
     """
-    import torch
-
-    results, skipped = [], []
-    embeds_unsupported: Optional[str] = None  # why get_logits does not take embeddings, once known
-    for i, sample in enumerate(holdout):
-        embeds = torch.from_numpy(np.ascontiguousarray(sample["embeds"], np.float32))[None]
-        with torch.no_grad():
-            expected = decoder(inputs_embeds=embeds).logits[0].float().numpy()
-        actual, how = None, "inputs_embeds"
-        if embeds_unsupported is None:
-            try:
-                actual = _toolkit_logits(llm, {"inputs_embeds": embeds})
-            except Exception as exc:  # the toolkit's own error types are not importable
-                embeds_unsupported = f"get_logits(inputs_embeds) raised {type(exc).__name__}: {exc}"
-            else:
-                if actual is None:
-                    embeds_unsupported = "get_logits(inputs_embeds) returned None"
-        if actual is None and sample["kind"] == "text":
-            how = "input_ids"
-            actual = _toolkit_logits(llm, {"input_ids": torch.from_numpy(sample["input_ids"])[None]})
-        if actual is None or actual.shape != expected.shape:
-            reason = embeds_unsupported if actual is None else f"logits shape {actual.shape} != {expected.shape}"
-            skipped.append({"name": sample["name"], "kind": sample["kind"], "reason": reason})
-            continue
-        results.append({"name": sample["name"], "kind": sample["kind"], "input": how, **logit_agreement(actual, expected)})
-        if progress:
-            progress(f"held-out {i + 1}/{len(holdout)} {sample['name']}: top-1 agreement "
-                     f"{results[-1]['top1_agreement']:.3f}, KL {results[-1]['kl_mean']:.4f}")
-    summary: dict[str, Any] = {"samples": results, "not_measured": skipped, "measured": len(results)}
-    if results:
-        summary.update(
-            top1_agreement_mean=float(np.mean([r["top1_agreement"] for r in results])),
-            top1_agreement_min=float(np.min([r["top1_agreement"] for r in results])),
-            last_token_top1_match=float(np.mean([r["last_token_top1_match"] for r in results])),
-            kl_mean=float(np.mean([r["kl_mean"] for r in results])),
-            cosine_mean=float(np.mean([r["cosine_mean"] for r in results])),
+    calibration = dict(report.get("calibration") or {})
+    given, read = calibration.get("samples"), dict(calibration.get("read_by_toolkit") or {})
+    read["log_examples"] = loaded_examples(log_text)
+    calibration["read_by_toolkit"] = read
+    opened = read.get("sample_files") if calibration.get("layout") == "samples" else int(bool(read.get("file")))
+    why = None
+    if read["log_examples"] is not None and read["log_examples"] != given:
+        why = f"its log says it loaded {read['log_examples']} examples, but the set has {given}"
+    elif read["log_examples"] is None and not opened:
+        why = "it opened none of the set's files during build() and its log shows no dataset being loaded"
+    elif calibration.get("layout") == "samples" and read["log_examples"] is None and opened != given:
+        why = f"it opened {opened} of the {given} sample files during build()"
+    if why:
+        raise DecoderBuildError(
+            f"rkllm-toolkit did not calibrate on the calibration set: {why}",
+            hint="see the toolkit's log; try the other layout (--decoder-calibration-layout input_embed or samples), "
+            "and report the log if it persists",
         )
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# The build
-# ---------------------------------------------------------------------------------------------
+    return calibration
 
 
 def build_decoder_rkllm(
@@ -203,57 +186,96 @@ def build_decoder_rkllm(
     dataset: str | Path,
     rkllm_path: str | Path,
     *,
+    layout: str = "samples",
     options: Optional[RKLLMOptions] = None,
-    holdout: Optional[Sequence[dict[str, Any]]] = None,
+    holdout: Optional[str | Path] = None,
+    hidden_size: Optional[int] = None,
+    python: Optional[str | Path] = None,
     progress: Optional[Callable[[str], None]] = None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> dict[str, Any]:
-    """Quantize and export the extracted decoder folder; measure it on `holdout` (calibration.decoder_dataset
-    .load_holdout samples) when given. Returns the report, also written as `<model>.accuracy.json`."""
+    """Quantize and export the extracted decoder folder in the toolkit's venv (host.rkllm_runner) from the
+    calibration `dataset` (the index of the samples layout or the input_embed JSON); measure it on the
+    `holdout` .npz (calibration.holdout) when given. Returns the report, also written as
+    `<model>.accuracy.json`; the toolkit's output is `<model>.log`."""
     options = options or RKLLMOptions()
     validate_max_context(options.max_context)
-    RKLLM = require_rkllm_toolkit()
+    found = require_rkllm_toolkit(python)
     say = progress or (lambda message: None)
-    rkllm_path = Path(rkllm_path)
+    rkllm_path = Path(rkllm_path).resolve()
     rkllm_path.parent.mkdir(parents=True, exist_ok=True)
     stem = rkllm_path.with_suffix("")
     log, report_path = Path(f"{stem}.log"), Path(f"{stem}.accuracy.json")
-    log.write_text("")
-    report: dict[str, Any] = {"model": rkllm_path.name, "toolkit": toolkit_version(), "options": asdict(options),
-                              "dataset": Path(dataset).name}
-    t0 = time.monotonic()
-    llm = RKLLM()
-    say(f"rkllm-toolkit: loading {decoder_dir} (log: {log})")
-    beat = 30 if progress else 0
-    with _output_to(log, "load_huggingface", beat):
-        ret = llm.load_huggingface(model=str(decoder_dir), device="cpu", dtype=options.load_dtype)
-    _check(ret, f"load_huggingface({decoder_dir})", log)
-    say(f"rkllm-toolkit: quantizing ({options.quantized_dtype}, {options.quantized_algorithm}, "
-        f"max_context {options.max_context}); this takes minutes")
-    with _output_to(log, "build (quantization)", beat):
-        ret = llm.build(
-            do_quantization=True, optimization_level=options.optimization_level,
-            quantized_dtype=options.quantized_dtype, quantized_algorithm=options.quantized_algorithm,
-            target_platform=options.target_platform, num_npu_core=options.num_npu_core,
-            max_context=options.max_context, dataset=str(dataset),
-        )
-    _check(ret, "build", log)
-    with _output_to(log, "export_rkllm", beat):
-        ret = llm.export_rkllm(str(rkllm_path))
-    _check(ret, f"export_rkllm({rkllm_path})", log)
-    report["build_s"] = round(time.monotonic() - t0, 1)
-    report["rkllm_mb"] = round(rkllm_path.stat().st_size / 1e6, 1)
-    say(f"rkllm-toolkit: {rkllm_path.name} written ({report['rkllm_mb']} MB, {report['build_s']}s)")
-    if holdout:
-        from host.decoder_export import load_decoder
-
-        with _output_to(log, "get_logits (held-out accuracy)", beat):
-            report["accuracy"] = evaluate_holdout(llm, load_decoder(decoder_dir), holdout, progress=None)
-        accuracy = report["accuracy"]
-        if accuracy["measured"]:
-            say(f"held-out accuracy ({accuracy['measured']} samples): next-token top-1 agreement mean "
-                f"{accuracy['top1_agreement_mean']:.3f} / min {accuracy['top1_agreement_min']:.3f}, "
-                f"KL {accuracy['kl_mean']:.4f}")
-        if accuracy["not_measured"]:
-            say(f"{len(accuracy['not_measured'])} held-out samples not measured: {accuracy['not_measured'][0]['reason']}")
+    job_path, status_path = Path(f"{stem}.job.json"), Path(f"{stem}.status.jsonl")
+    rkllm_path.unlink(missing_ok=True)
+    for stale in (report_path, status_path):
+        stale.unlink(missing_ok=True)
+    dataset = Path(dataset).resolve()
+    if found.get("standin"):
+        say(f"rkllm-toolkit: {found['rkllm_module']} is the tests' STAND-IN, not Rockchip's toolkit")
+    elif found.get("rkllm_toolkit") != TOOLKIT_VERSION:
+        say(f"warning: {toolkit_python(python)} runs rkllm-toolkit {found.get('rkllm_toolkit')}, not {TOOLKIT_VERSION}")
+    with tempfile.TemporaryDirectory(prefix="rkllm-datasets-") as cache:
+        job = {"decoder_dir": str(Path(decoder_dir).resolve()), "dataset": str(dataset), "layout": layout,
+               "rkllm": str(rkllm_path), "options": asdict(options), "hidden_size": hidden_size,
+               "holdout": str(Path(holdout).resolve()) if holdout else None, "report": str(report_path),
+               "status": str(status_path)}
+        job_path.write_text(json.dumps(job, indent=2) + "\n")
+        say(f"rkllm-toolkit {found.get('rkllm_toolkit')} in {toolkit_python(python)}: quantizing "
+            f"({options.quantized_dtype}, {options.quantized_algorithm}, optimization_level {options.optimization_level}, "
+            f"max_context {options.max_context}); this takes minutes (log: {log})")
+        code = _run_runner(toolkit_python(python), job_path, log, status_path, cwd=dataset.parent,
+                           env=runner_env({"HF_DATASETS_CACHE": cache}), say=say, heartbeat_s=heartbeat_s)
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        report = {"error": f"the runner ended (exit {code}) without a report"}
+    if "error" in report:
+        raise DecoderBuildError(report["error"], hint=f"see the toolkit's log: {log}")
+    report["calibration"] = check_calibration_read(report, log.read_text(errors="replace"))
     report_path.write_text(json.dumps(report, indent=2) + "\n")
+    say(f"rkllm-toolkit: {rkllm_path.name} written ({report['rkllm_mb']} MB, {report['build_s']}s); calibration "
+        f"read: {report['calibration']['read_by_toolkit']}")
+    accuracy = report.get("accuracy")
+    if accuracy and accuracy["measured"]:
+        say(f"held-out accuracy ({accuracy['measured']} samples): next-token top-1 agreement mean "
+            f"{accuracy['top1_agreement_mean']:.3f} / min {accuracy['top1_agreement_min']:.3f}, KL {accuracy['kl_mean']:.4f}")
+    if accuracy and accuracy["not_measured"]:
+        say(f"{len(accuracy['not_measured'])} held-out samples not measured: {accuracy['not_measured'][0]['reason']}")
     return report
+
+
+def _run_runner(python: Path, job: Path, log: Path, status: Path, *, cwd: Path, env: dict[str, str],
+                say: Callable[[str], None], heartbeat_s: float) -> int:
+    """Start host.rkllm_runner, its output to `log`; a heartbeat with the last phase; Ctrl-C stops it."""
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(python), "-m", "host.rkllm_runner", str(job)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        try:
+            next_beat = heartbeat_s
+            while True:
+                try:
+                    return proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                elapsed = time.monotonic() - t0
+                if heartbeat_s > 0 and elapsed >= next_beat:
+                    next_beat += heartbeat_s
+                    say(f"rkllm-toolkit: {_last_phase(status)}: still running ({elapsed:.0f}s)")
+        except BaseException:  # Ctrl-C (the runner got it too) or anything else: no orphan left behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+
+
+def _last_phase(status: Path) -> str:
+    try:
+        lines = status.read_text().strip().splitlines()
+        return json.loads(lines[-1])["phase"] if lines else "starting"
+    except (OSError, json.JSONDecodeError, KeyError):
+        return "starting"

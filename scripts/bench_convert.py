@@ -80,7 +80,7 @@ def measure_calibration(model: str, out: Path, tiles: int) -> dict:
 
     convert.quiet_libraries()
     args = argparse.Namespace(tiny=None, model=model, revision=None, calibration=None, decoder_calibration_tiles=tiles,
-                              decoder_target_tokens=32, decoder_sample_layout=False)
+                              decoder_target_tokens=32, decoder_calibration_layout="samples")
     job = convert.Job(args, out, convert.Log())
     text = json.loads((out / convert.STATE).read_text())["text"]["info"]
     per_stage = convert.reset_peak_rss()

@@ -62,8 +62,8 @@ DEPLOYED = ("board", "scripts", "tests", "bundles", "setup.cfg", "pyproject.toml
 # a fresh venv when any of these change; otherwise board_setup.sh runs again over the cached one
 VENV_INPUTS = ("setup.cfg", "pyproject.toml", "scripts/board_setup.sh")
 # copied to TESTS_IN: the rehearsal tests and the ctypes tests with the C test double
-TEST_FILES = ("setup.cfg", "tests/conftest.py", "tests/test_rkllm_abi.py", "tests/test_decoder_rkllm.py",
-              "tests/c", "tests/rehearsal")
+TEST_FILES = ("setup.cfg", "tests/conftest.py", "tests/support.py", "tests/test_rkllm_abi.py",
+              "tests/test_decoder_rkllm.py", "tests/c", "tests/rehearsal")
 CTYPES_TESTS = ("tests.test_rkllm_abi", "tests.test_decoder_rkllm")
 SETUP_EXPECTED_EXIT = 3  # installed, then "not an RK3588": this userland has no device tree
 STEP_TIMEOUT = 30 * 60

@@ -130,6 +130,7 @@ say "done. On the board:"
 echo "    cd $DEST && bash scripts/board_setup.sh --tests   # once: venv, requirements, board checks"
 if [ "${#BUNDLES[@]}" -gt 0 ]; then
     name=$(basename "$(cd "${BUNDLES[0]}" && pwd)")
+    echo "    .venv/bin/python -m board doctor --bundle bundles/$name   # first: every runtime assumption, checked"
     echo "    .venv/bin/python board/run.py --bundle bundles/$name --image photo.jpg 'What is in this image?'"
     echo "    .venv/bin/python board/serve.py --bundle bundles/$name      # OpenAI-compatible, 127.0.0.1:8080"
     echo "    .venv/bin/python board/bench.py --bundle bundles/$name --json"

@@ -144,6 +144,22 @@ def write_image(path: Path, h: int, w: int, seed: int) -> Path:
 
 
 
+C_DIR = ROOT / "tests" / "c"
+STANDIN_RKLLM = ROOT / "tests" / "standin_rkllm"  # the stand-in rkllm-toolkit, put on PYTHONPATH by the tests that use it
+
+
+def compile_fake_rkllmrt(out: Path, *defines: str) -> Path:
+    """The C test double of librkllmrt (tests/c/fake_rkllmrt.c), built with gcc from our own declarations."""
+    import subprocess
+
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-fvisibility=hidden", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
+         *defines, f"-I{C_DIR}", str(C_DIR / "fake_rkllmrt.c"), "-o", str(out)],
+        check=True, capture_output=True,
+    )
+    return out
+
+
 def json_answer(result: Any) -> dict:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

@@ -35,7 +35,7 @@ def make_bundle(root, checkpoint_dir, *, with_decoder: bool):
     from host.convert import Job, Log, stage_decoder, stage_manifest, stage_text
     from host.decoder_rkllm import RKLLMOptions
 
-    args = argparse.Namespace(tiny=None, model=str(checkpoint_dir), revision=None, calibration=None)
+    args = argparse.Namespace(tiny=None, model=str(checkpoint_dir), revision=None, calibration=None, embed_flash=False)
     job = Job(args, root, Log(quiet=True))
     (root / B.HOST_DIR).mkdir(parents=True)
     text = stage_text(job)

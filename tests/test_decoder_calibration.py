@@ -185,17 +185,38 @@ def test_validate_rejects_wrong_layouts(tmp_path):
     assert D.validate_rkllm_dataset(ok, 2) == {"samples": 2, "tokens": 1}
 
 
-def test_whole_step_writes_dataset_meta_holdout_and_sample_layout(setup, tmp_path):
+@pytest.mark.parametrize("layout", D.LAYOUTS)
+def test_whole_step_writes_the_chosen_layout_meta_and_holdout(setup, tmp_path, layout):
+    from host.rkllm_runner import check_sample_index
+
     calibration, holdout = setup["images"][:2], default_images("holdout")[:2]
+    (tmp_path / D.DATASET).write_text("[]")  # an earlier run's other layout goes
     report = D.build_decoder_calibration(
         tmp_path, builder=setup["builder"](), decoder=load_decoder(setup["folder"]), tokenizer=setup["tokenizer"],
         eos_ids=setup["eos"], images=calibration, holdout_images=holdout, calibration_tiles=40, holdout_tiles=40,
-        max_new_tokens=2, sample_layout=True,
+        max_new_tokens=2, layout=layout,
     )
     hidden = setup["table"].shape[1]
-    assert D.validate_rkllm_dataset(tmp_path / D.DATASET, hidden)["samples"] == report["samples"]
+    assert report["layout"] == layout and report["dataset"]["file"] == D.dataset_file(layout)
     assert report["text_samples"] == len(D.TEXT_ONLY) - D.HOLDOUT_TEXT
-    assert report["dataset"]["bytes"] == (tmp_path / D.DATASET).stat().st_size
+    if layout == "input_embed":
+        assert D.validate_rkllm_dataset(tmp_path / D.DATASET, hidden)["samples"] == report["samples"]
+        assert report["dataset"]["bytes"] == (tmp_path / D.DATASET).stat().st_size
+        assert not (tmp_path / D.dataset_file("samples")).exists()
+    else:
+        # Rockchip's 1.3.0 example layout: an index of {"sample", "token_nums"}, one pickle of forward kwargs each,
+        # read back as the toolkit's venv reads it
+        assert not (tmp_path / D.DATASET).exists()
+        index = json.loads((tmp_path / D.dataset_file(layout)).read_text())
+        assert check_sample_index(tmp_path / D.dataset_file(layout), hidden)["samples"] == len(index) == report["samples"]
+        meta = json.loads((tmp_path / D.DATASET_META).read_text())["samples"]
+        for item, row in zip(index, meta):
+            assert item["sample"].startswith(D.SAMPLE_LAYOUT + "/") and item["token_nums"] == row["tokens"]
+            with open(tmp_path / item["sample"], "rb") as f:
+                kwargs = pickle.load(f)
+            assert kwargs["inputs_embeds"].shape == (1, item["token_nums"], hidden)
+            assert kwargs["position_ids"][0].tolist() == list(range(item["token_nums"]))
+            assert kwargs["attention_mask"].sum() == item["token_nums"]
 
     meta = json.loads((tmp_path / D.DATASET_META).read_text())
     assert len(meta["samples"]) == report["samples"]
@@ -209,14 +230,17 @@ def test_whole_step_writes_dataset_meta_holdout_and_sample_layout(setup, tmp_pat
         assert s["embeds"].shape == (s["tokens"], hidden) and s["input_ids"].shape == (s["tokens"],)
         assert (s["input_ids"][s["image_positions"]] == setup["processor"].image_token_id).all()
 
-    # Rockchip's 1.3.0 example layout: an index of {"sample", "token_nums"} and one pickle of forward kwargs each
-    index = json.loads((tmp_path / report["sample_layout"]).read_text())
-    entries = json.loads((tmp_path / D.DATASET).read_text())
-    assert len(index) == len(entries)
-    for item, entry in zip(index, entries):
-        with open(tmp_path / item["sample"], "rb") as f:
-            kwargs = pickle.load(f)
-        assert kwargs["inputs_embeds"].shape == (1, item["token_nums"], hidden)
-        assert kwargs["position_ids"][0].tolist() == list(range(item["token_nums"]))
-        np.testing.assert_allclose(kwargs["inputs_embeds"][0].numpy(), np.asarray(entry["input_embed"][0]), rtol=1e-5,
-                                   atol=1e-7)
+
+def test_a_sample_layout_entry_that_does_not_match_its_pickle_is_refused(setup, tmp_path):
+    from host.rkllm_runner import check_sample_index
+
+    samples = setup["samples"][:2]
+    D.write_sample_layout(samples, tmp_path / D.SAMPLE_LAYOUT)
+    index_path = tmp_path / D.dataset_file("samples")
+    index = json.loads(index_path.read_text())
+    index[1]["token_nums"] += 1
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"sample_1: inputs_embeds has shape"):
+        check_sample_index(index_path, setup["table"].shape[1])
+    with pytest.raises(ValueError, match="unknown calibration layout|must be one of"):
+        D.dataset_file("pickles")

@@ -6,6 +6,7 @@ received (JSON at $FAKE_RKLLM_REPORT) and behaves per $FAKE_RKLLM_SCENARIO, read
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -24,7 +25,8 @@ import pytest
 from board import rkllm_h
 from board.decoder import GenerationResult, SamplingParams
 from board.decoder_rkllm import RKLLMDecoder, _Utf8Joiner
-from board.errors import BundleError, DecoderError, PromptError, RuntimeUnavailable
+from board.errors import BundleError, DecoderError, PrefillMismatch, PromptError, RuntimeUnavailable
+from support import compile_fake_rkllmrt
 
 C_DIR = Path(__file__).parent / "c"
 HIDDEN = 16
@@ -32,13 +34,7 @@ HIDDEN = 16
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the librkllmrt test double")
 
 
-def _compile(out: Path, *defines: str) -> Path:
-    subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-fvisibility=hidden", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
-         *defines, f"-I{C_DIR}", str(C_DIR / "fake_rkllmrt.c"), "-o", str(out)],
-        check=True, capture_output=True,
-    )
-    return out
+_compile = compile_fake_rkllmrt
 
 
 @pytest.fixture(scope="session")
@@ -289,6 +285,103 @@ def test_keep_history_and_reset(fake):
     report = fake.report()
     assert [(r["keep_history"], r["kv_before"]) for r in report["runs"]] == [(1, 0), (1, 8), (1, 0), (0, 0)]
     assert report["clears"] == 2 and report["errors"] == []
+
+
+# --- what rkllm.h does not promise: the guards ------------------------------------------------------
+
+
+def test_an_empty_chat_template_is_set_after_init(fake):
+    with fake.decoder() as dec:
+        assert dec.notices == []
+    assert fake.report()["templates"] == [{"system_prompt": "", "prompt_prefix": "", "prompt_postfix": ""}]
+
+
+def test_a_runtime_that_wraps_embed_input_in_its_template_is_stopped_by_the_empty_template(fake):
+    """adds_template: the double puts 6 template tokens around EMBED input unless the template is emptied."""
+    fake.scenario("adds_template")
+    with fake.decoder() as dec:
+        result = GenerationResult.collect(dec.generate(_emb(7)))
+    assert result.stats.prefill_tokens == 7 and result.finish_reason == "stop"
+
+
+def test_a_template_the_runtime_keeps_is_a_warning_then_a_prefill_mismatch(fake):
+    fake.scenario("template_fail")
+    with pytest.warns(UserWarning, match=r"empty template failed with code -1"):
+        dec = fake.decoder()
+    with dec:
+        assert "code -1" in dec.notices[0]
+        with pytest.raises(PrefillMismatch, match=r"prefilled 13 tokens but 7 embedding rows were fed"):
+            GenerationResult.collect(dec.generate(_emb(7)))
+        assert dec._history_kept  # the cache is unknown: the next fresh turn clears it
+        with pytest.raises(PrefillMismatch):
+            GenerationResult.collect(dec.generate(_emb(3)))
+    assert fake.report()["clears"] == 1
+
+
+def test_a_miscounted_prefill_is_an_error_naming_both_numbers(fake):
+    fake.scenario("miscount")
+    with fake.decoder() as dec:
+        steps = []
+        with pytest.raises(PrefillMismatch, match=r"prefilled 6 tokens but 5 embedding rows were fed") as err:
+            for step in dec.generate(_emb(5)):
+                steps.append(step)
+    assert [s.text for s in steps] == ["Hello", " world", "!"]  # the answer streamed; the error comes at the end
+    assert "doctor" in err.value.hint
+
+
+def test_history_tokens_is_the_runtimes_kv_cache_size(fake):
+    with fake.decoder() as dec:
+        assert dec.history_tokens == 0
+        GenerationResult.collect(dec.generate(_emb(5), keep_history=True))
+        assert dec.history_tokens == 5 + 3
+        GenerationResult.collect(dec.generate(_emb(2), keep_history=True))
+        assert dec.history_tokens == 8 + 2 + 3
+        dec.reset()
+        assert dec.history_tokens == 0
+
+
+def test_a_runtime_that_loses_the_cache_shows_in_history_tokens(fake):
+    fake.scenario("loses_cache")
+    with fake.decoder() as dec:
+        GenerationResult.collect(dec.generate(_emb(5), keep_history=True))
+        assert dec.history_tokens == 0  # a conversation expecting 8 sees the loss before its next turn
+
+
+def test_the_eos_guard_stops_a_runtime_that_streams_past_the_end_of_turn(fake, monkeypatch):
+    """eos: the double streams id 2 second, then goes on (20 ms a token); the guard aborts it there."""
+    fake.scenario("eos")
+    with fake.decoder(eos_token_ids=[2, 49279], sampling=SamplingParams(max_new_tokens=200)) as dec:
+        start = time.monotonic()
+        result = GenerationResult.collect(dec.generate(_emb(5)))
+        elapsed = time.monotonic() - start
+        assert (result.token_ids, result.finish_reason) == ([1000, 2], "stop")
+        assert elapsed < 2.0 and fake.report()["aborts"] == 1
+        assert len(fake.report()["callback_returns"]) < 10
+        again = GenerationResult.collect(dec.generate(_emb(5), sampling=SamplingParams(max_new_tokens=1)))
+        assert (again.token_ids, again.finish_reason) == ([1000], "length")  # the guard's abort does not linger
+    with fake.decoder(sampling=SamplingParams(max_new_tokens=6)) as dec:  # without EOS ids the runtime decides
+        assert len(GenerationResult.collect(dec.generate(_emb(5))).token_ids) == 6
+
+
+def test_embed_flash_and_log_level_reach_the_runtime(fake, monkeypatch):
+    monkeypatch.delenv("RKLLM_LOG_LEVEL", raising=False)
+    with fake.decoder():
+        init = fake.report()["init"]
+    assert (init["embed_flash"], init["log_level"]) == (0, None)  # the runtime's defaults, the environment as it was
+    with fake.decoder(embed_flash=True, log_level=1):
+        init = fake.report()["init"]
+    assert (init["embed_flash"], init["log_level"]) == (1, "1")
+
+
+def test_the_last_runs_embeddings_stay_alive_until_the_next_run_or_a_clear(fake):
+    with fake.decoder() as dec:
+        emb = _emb(5)
+        GenerationResult.collect(dec.generate(emb, keep_history=True))
+        run = dec._last_run  # what the runtime was handed points into the array still held
+        assert ctypes.addressof(run.input.embed_input.embed.contents) == run.embeddings.ctypes.data
+        assert np.array_equal(run.embeddings, emb)
+        dec.reset()
+        assert dec._last_run is None
 
 
 # --- abort ----------------------------------------------------------------------------------------

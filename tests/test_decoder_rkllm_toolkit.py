@@ -1,6 +1,8 @@
-"""The rkllm-toolkit step. The real toolkit runs only where Rockchip's wheel is installed (these tests
-say so when they skip); what does not need it (context validation, the install message, the metrics,
-how held-out samples are routed) is tested everywhere. Nothing here produces toolkit results."""
+"""The rkllm-toolkit step. The real toolkit runs only where its venv is made with Rockchip's wheel
+(scripts/setup_rkllm_toolkit.sh; these tests say so when they skip); what does not need it (context
+validation, the install message, the metrics, how held-out samples are routed) is tested everywhere.
+The subprocess protocol itself is tested against a stand-in in tests/test_rkllm_protocol.py. Nothing
+here produces toolkit results."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 from board.errors import InputError, RuntimeUnavailable
 from host import decoder_rkllm as R
+from host import rkllm_runner as runner
 
 
 def _toolkit_reason() -> str | None:
@@ -18,6 +21,8 @@ def _toolkit_reason() -> str | None:
         R.require_rkllm_toolkit()
     except RuntimeUnavailable as exc:
         return f"rkllm-toolkit {R.TOOLKIT_VERSION} unavailable: {exc.message} (Rockchip's wheel: see README)"
+    if R.require_rkllm_toolkit().get("standin"):
+        return "the toolkit interpreter runs the tests' stand-in, not Rockchip's rkllm-toolkit"
     return None
 
 
@@ -51,8 +56,8 @@ def test_absent_toolkit_says_how_to_install_it():
     with pytest.raises(RuntimeUnavailable) as info:
         R.require_rkllm_toolkit()
     hint = info.value.hint
-    for words in ("airockchip/rknn-llm", "v1.3.0", "rkllm-toolkit/packages/", "cp311", "--no-deps", "torch==2.6.0",
-                  "--skip-decoder"):
+    for words in ("airockchip/rknn-llm", "v1.3.0", "rkllm-toolkit/packages/", "cp311", "scripts/setup_rkllm_toolkit.sh",
+                  ".venv-rkllm", "torch==2.6.0", "--skip-decoder"):
         assert words in hint, words
     with pytest.raises(RuntimeUnavailable):
         R.build_decoder_rkllm("folder", "dataset.json", "out.rkllm")
@@ -61,10 +66,10 @@ def test_absent_toolkit_says_how_to_install_it():
 def test_logit_agreement():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(12, 50)).astype(np.float32)
-    same = R.logit_agreement(ref, ref)
+    same = runner.logit_agreement(ref, ref)
     assert same["top1_agreement"] == 1.0 and same["last_token_top1_match"] and abs(same["kl_mean"]) < 1e-9
     assert same["cosine_mean"] == pytest.approx(1.0)
-    noisy = R.logit_agreement(ref + rng.normal(scale=3.0, size=ref.shape).astype(np.float32), ref)
+    noisy = runner.logit_agreement(ref + rng.normal(scale=3.0, size=ref.shape).astype(np.float32), ref)
     assert noisy["top1_agreement"] < 1.0 and noisy["kl_mean"] > 0.01 and noisy["positions"] == 12
 
 
@@ -100,7 +105,7 @@ def test_holdout_routing_when_get_logits_takes_no_embeddings(tiny_checkpoint, tm
         {"name": "text", "kind": "text", "embeds": table[ids], "input_ids": ids},
         {"name": "image", "kind": "image", "embeds": table[ids], "input_ids": ids},
     ]
-    report = R.evaluate_holdout(_NoEmbedsGetLogits(decoder), decoder, holdout)
+    report = runner.evaluate_holdout(_NoEmbedsGetLogits(decoder), decoder, holdout)
     assert report["measured"] == 1 and report["samples"][0]["input"] == "input_ids"
     assert report["not_measured"][0]["name"] == "image"
     assert "inputs_embeds" in report["not_measured"][0]["reason"]
@@ -138,11 +143,12 @@ def test_real_toolkit_builds_and_measures_the_tiny_decoder(tiny_checkpoint, tmp_
         images=default_images("calibration")[:4], holdout_images=default_images("holdout")[:2], calibration_tiles=8,
         holdout_tiles=4, max_new_tokens=4,
     )
-    report = R.build_decoder_rkllm(folder, tmp_path / D.DATASET, tmp_path / "decoder.rkllm",
-                                   options=R.RKLLMOptions(max_context=512), holdout=D.load_holdout(tmp_path / D.HOLDOUT))
+    report = R.build_decoder_rkllm(folder, tmp_path / D.dataset_file("samples"), tmp_path / "decoder.rkllm",
+                                   options=R.RKLLMOptions(max_context=512), holdout=tmp_path / D.HOLDOUT)
     assert (tmp_path / "decoder.rkllm").stat().st_size > 0
     written = json.loads((tmp_path / "decoder.accuracy.json").read_text())
     assert written["model"] == "decoder.rkllm" and written["toolkit"] == R.TOOLKIT_VERSION
+    assert written["calibration"]["read_by_toolkit"]["sample_files"] == written["calibration"]["samples"]
     accuracy = report["accuracy"]
     assert accuracy["measured"] >= 1, accuracy
     assert 0.0 <= accuracy["top1_agreement_mean"] <= 1.0

@@ -5,10 +5,22 @@
  *
  * Selected at rkllm_init by environment variables:
  *   FAKE_RKLLM_SCENARIO  stream (default) | utf8 | utf8_resend | error_state | run_fail | slow |
- *                        init_fail | init_null | destroy_fail
+ *                        init_fail | init_null | destroy_fail, or one of the runtime misbehaviours
+ *                        the binding guards against:
+ *                        adds_template  wraps EMBED input in a chat template (TEMPLATE_TOKENS more
+ *                                       prefilled and cached) until rkllm_set_chat_template("", "", "")
+ *                        template_fail  the same, and rkllm_set_chat_template returns -1
+ *                        miscount       perf.prefill_tokens is one more than the rows fed
+ *                        loses_cache    ignores keep_history: the KV cache is empty after every run
+ *                        eos            streams the EOS id (FAKE_RKLLM_EOS, default 2) as its second
+ *                                       token and keeps going (20 ms per token) up to max_new_tokens
+ *                        With FAKE_RKLLM_EOS set, the scripted scenarios (stream, ...) end their stream with
+ *                        that id, as a runtime that passes its end-of-turn token to the callback.
+ *   FAKE_RKLLM_TOKEN_BASE  first token id of the slow and eos scenarios (default 1000; they count up)
  *   FAKE_RKLLM_HIDDEN    embedding width used for the CRC-32 of the EMBED input (float32 rows)
  *   FAKE_RKLLM_REPORT    file the double rewrites as JSON after every call: counters, the init
- *                        parameters and every run's input as received
+ *                        parameters (and RKLLM_LOG_LEVEL as set at init), every run's input as
+ *                        received, every rkllm_set_chat_template call
  * A new report path resets the counters, so each test sees only its own calls.
  *
  * Build variants used by the loader tests:
@@ -43,7 +55,13 @@ typedef struct {
     int abort_flag; /* written by rkllm_abort from another thread: __atomic builtins */
     int running;
     int kv_size;
+    int template_tokens; /* what this runtime adds around EMBED input (adds_template, template_fail) */
+    int eos_id;
+    int stream_eos; /* FAKE_RKLLM_EOS was set: scripted streams end with it */
+    int token_base;
 } FakeHandle;
+
+#define TEMPLATE_TOKENS 6
 
 /* A growable string for the JSON pieces. */
 typedef struct {
@@ -94,6 +112,7 @@ static struct {
     Buf runs;      /* JSON array items, one per rkllm_run */
     Buf errors;    /* JSON array items: what the double refused */
     Buf cb_returns; /* JSON array items: every value the result callback returned */
+    Buf templates;  /* JSON array items: every rkllm_set_chat_template call */
 } g;
 
 static void reset_state_locked(const char *path) {
@@ -101,6 +120,7 @@ static void reset_state_locked(const char *path) {
     free(g.runs.s);
     free(g.errors.s);
     free(g.cb_returns.s);
+    free(g.templates.s);
     memset(&g, 0, sizeof g);
     snprintf(g.report_path, sizeof g.report_path, "%s", path);
 }
@@ -120,6 +140,7 @@ static void write_report_locked(void) {
     fprintf(f, " \"init\": %s,\n", g.init.s ? g.init.s : "null");
     fprintf(f, " \"runs\": [%s],\n", g.runs.s ? g.runs.s : "");
     fprintf(f, " \"errors\": [%s],\n", g.errors.s ? g.errors.s : "");
+    fprintf(f, " \"templates\": [%s],\n", g.templates.s ? g.templates.s : "");
     fprintf(f, " \"callback_returns\": [%s]}\n", g.cb_returns.s ? g.cb_returns.s : "");
     fclose(f);
     rename(tmp, g.report_path);
@@ -234,13 +255,15 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callb
                "\"skip_special_token\": %d, \"ignore_eos_token\": %d, \"is_async\": %d, "
                "\"base_domain_id\": %d, \"embed_flash\": %d, \"enabled_cpus_num\": %d, \"enabled_cpus_mask\": %u, "
                "\"n_batch\": %d, \"use_cross_attn\": %d, \"reserved_zero\": %d, \"has_tokenizer_callback\": %d, "
-               "\"has_embed_callback\": %d}",
+               "\"has_embed_callback\": %d, \"log_level\": ",
                param->max_context_len, param->max_new_tokens, param->top_k, param->n_keep, param->top_p,
                param->temperature, param->repeat_penalty, param->frequency_penalty, param->presence_penalty,
                param->mirostat, param->mirostat_tau, param->mirostat_eta, param->skip_special_token,
                param->ignore_eos_token, param->is_async, e->base_domain_id, e->embed_flash, e->enabled_cpus_num,
                e->enabled_cpus_mask, e->n_batch, e->use_cross_attn, reserved_clean,
                callback->tokenizer_callback != NULL, callback->embed_callback != NULL);
+    buf_json_str(&g.init, getenv("RKLLM_LOG_LEVEL"));
+    buf_printf(&g.init, "}");
     FILE *model = param->model_path ? fopen(param->model_path, "rb") : NULL;
     if (!model) {
         error_locked("rkllm_init", "cannot open model_path");
@@ -271,6 +294,13 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callb
     h->max_context_len = param->max_context_len;
     h->max_new_tokens = param->max_new_tokens;
     h->cb = *callback;
+    h->template_tokens = strcmp(scenario, "adds_template") == 0 || strcmp(scenario, "template_fail") == 0
+                             ? TEMPLATE_TOKENS : 0;
+    const char *eos = getenv("FAKE_RKLLM_EOS");
+    h->eos_id = eos ? atoi(eos) : 2;
+    h->stream_eos = eos != NULL;
+    const char *base = getenv("FAKE_RKLLM_TOKEN_BASE");
+    h->token_base = base ? atoi(base) : 1000;
     g.live[slot] = h;
     *handle = h;
 out:
@@ -389,7 +419,7 @@ static int run(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *user
         refuse = "empty EMBED input";
     else if (ip->mode != RKLLM_INFER_GENERATE)
         refuse = "mode is not RKLLM_INFER_GENERATE";
-    else if ((ip->keep_history ? h->kv_size : 0) + (int)n_tokens > h->max_context_len)
+    else if ((ip->keep_history ? h->kv_size : 0) + (int)n_tokens + h->template_tokens > h->max_context_len)
         refuse = "input longer than max_context_len";
     if (refuse) error_locked(fn, refuse);
     const char *scenario = h->scenario;
@@ -406,9 +436,9 @@ static int run(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *user
     int script_len = 3;
     if (strcmp(scenario, "utf8") == 0) script = UTF8, script_len = 5;
     if (strcmp(scenario, "utf8_resend") == 0) script = UTF8_RESEND, script_len = 3;
-    int slow = strcmp(scenario, "slow") == 0;
+    int slow = strcmp(scenario, "slow") == 0, eos = strcmp(scenario, "eos") == 0;
     int generated = 0, rc = 0;
-    for (int i = 0; slow ? i < limit : i < script_len && i < limit; i++) {
+    for (int i = 0; slow || eos ? i < limit : i < script_len && i < limit; i++) {
         if (__atomic_load_n(&h->abort_flag, __ATOMIC_SEQ_CST)) break;
         if (strcmp(scenario, "error_state") == 0 && i == 1) {
             RKLLMResult r;
@@ -418,18 +448,25 @@ static int run(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *user
             return 0; /* the state, not the return code, carries this error */
         }
         char text[32];
-        if (slow) {
+        if (slow || eos) {
             sleep_ms(20);
             snprintf(text, sizeof text, "tok%d ", i);
         }
-        int ret = slow ? emit(h, ud, text, 1000 + i, RKLLM_RUN_NORMAL)
-                       : emit(h, ud, script[i].text, script[i].token_id, script[i].state);
+        int32_t id = eos && i == 1 ? h->eos_id : h->token_base + i; /* eos: the end-of-turn id, then more */
+        int ret = slow || eos ? emit(h, ud, eos && i == 1 ? "" : text, id, RKLLM_RUN_NORMAL)
+                              : emit(h, ud, script[i].text, script[i].token_id, script[i].state);
         generated++;
         if (ret == 1) break; /* paused by the caller */
     }
-    finish(h, ud, (int)n_tokens, generated);
+    if (h->stream_eos && !slow && !eos && generated == script_len && generated < limit &&
+        !__atomic_load_n(&h->abort_flag, __ATOMIC_SEQ_CST)) {
+        emit(h, ud, "", h->eos_id, RKLLM_RUN_NORMAL);
+        generated++;
+    }
+    int prefilled = (int)n_tokens + h->template_tokens;
+    finish(h, ud, strcmp(scenario, "miscount") == 0 ? prefilled + 1 : prefilled, generated);
     pthread_mutex_lock(&g_mu);
-    h->kv_size = (ip->keep_history ? h->kv_size : 0) + (int)n_tokens + generated;
+    h->kv_size = strcmp(scenario, "loses_cache") == 0 ? 0 : (ip->keep_history ? h->kv_size : 0) + prefilled + generated;
     write_report_locked();
     pthread_mutex_unlock(&g_mu);
     __atomic_store_n(&h->running, 0, __ATOMIC_SEQ_CST);
@@ -500,7 +537,26 @@ EXPORT int rkllm_release_prompt_cache(LLMHandle handle) { return other_call(hand
 
 EXPORT int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt, const char *prompt_prefix,
                                    const char *prompt_postfix) {
-    return system_prompt && prompt_prefix && prompt_postfix ? other_call(handle, "rkllm_set_chat_template") : -1;
+    if (!system_prompt || !prompt_prefix || !prompt_postfix) return -1;
+    pthread_mutex_lock(&g_mu);
+    FakeHandle *h = lookup_locked(handle, "rkllm_set_chat_template");
+    int rc = -1;
+    if (h) {
+        g.other_calls++;
+        if (g.templates.n) buf_printf(&g.templates, ", ");
+        buf_printf(&g.templates, "{\"system_prompt\": ");
+        buf_json_str(&g.templates, system_prompt);
+        buf_printf(&g.templates, ", \"prompt_prefix\": ");
+        buf_json_str(&g.templates, prompt_prefix);
+        buf_printf(&g.templates, ", \"prompt_postfix\": ");
+        buf_json_str(&g.templates, prompt_postfix);
+        buf_printf(&g.templates, "}");
+        rc = strcmp(h->scenario, "template_fail") == 0 ? -1 : 0;
+        if (rc == 0 && !*system_prompt && !*prompt_prefix && !*prompt_postfix) h->template_tokens = 0;
+        write_report_locked();
+    }
+    pthread_mutex_unlock(&g_mu);
+    return rc;
 }
 
 #ifndef FAKE_BEFORE_1_2_1

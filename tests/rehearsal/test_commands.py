@@ -18,6 +18,7 @@ HELP_COMMANDS = {
     "-m board run --help": ["-m", "board", "run", "--help"],
     "-m board checks --help": ["-m", "board", "checks", "--help"],
     "-m board batch --help": ["-m", "board", "batch", "--help"],
+    "-m board doctor --help": ["-m", "board", "doctor", "--help"],
 }
 
 
