@@ -22,7 +22,7 @@ ours) and the next turn re-feeds the whole re-templated conversation instead.
 Context length: a turn whose rows do not fit next to the history (history + new rows must stay below
 max_context) raises `ContextFull` and changes nothing; `Chat.send(..., on_overflow="reset")` instead
 starts the conversation over with just the new message and says so in `Answer.notices` (the CLI
-does that). A single message too long for the context on its own is a PromptError.
+does that). A single message too long for the context on its own is ContextLengthExceeded (a PromptError).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import numpy as np
 
 from .bundle import DECODER_HF, DECODER_RKLLM, VISION_ONNX, VISION_RKNN, Bundle
 from .decoder import Decoder, GenerationStep, SamplingParams
-from .errors import BundleError, DecoderError, InputError, PromptError
+from .errors import BundleError, ContextLengthExceeded, DecoderError, InputError
 from .image_io import image_from_array, load_image, read_bytes
-from .prompt import Prompt, build_prompt, drop_leading_space
+from .prompt import CONTROL_TOKEN_POLICIES, Prompt, build_prompt, drop_leading_space
 from .sequence import build_sequence, stack_rows
 from .system_checks import CheckResult, SystemPaths, require, run_checks
 from .tiles import budget_settings, check_tile_budget, split_image
@@ -50,7 +50,7 @@ ImageInput = Union[str, Path, bytes, bytearray, memoryview, np.ndarray]
 Message = Mapping[str, Any]
 
 
-class ContextFull(PromptError):
+class ContextFull(ContextLengthExceeded):
     """The new turn does not fit next to the conversation's history in the model's context."""
 
 
@@ -238,8 +238,12 @@ class Pipeline:
         vision: Optional[VisionEncoder] = None,
         decoder: Optional[Decoder] = None,
         cache_bytes: int = 256 << 20,
+        control_tokens: str = "special",
     ):
         t0 = time.perf_counter()
+        if control_tokens not in CONTROL_TOKEN_POLICIES:
+            raise InputError(f"control_tokens must be one of {', '.join(CONTROL_TOKEN_POLICIES)}, got {control_tokens!r}")
+        self.control_tokens = control_tokens  # what special-token strings in message text become (board/prompt.py)
         self.vision: Optional[VisionEncoder] = None
         self.decoder: Any = None
         self.emulate = emulate
@@ -402,12 +406,13 @@ class Pipeline:
     def continuation_prompt(self, resume: str, messages: Sequence[Message], plans: Sequence[Any]) -> Prompt:
         """Token ids for turns appended to a conversation the decoder holds: `resume` (the rest of the
         previous end-of-turn piece) + the turns rendered without the opening, tokenized as one text."""
-        return build_prompt(messages, plans, self.format, self.tokenizer, self.image_token_id, resume=resume)
+        return build_prompt(messages, plans, self.format, self.tokenizer, self.image_token_id, resume=resume,
+                            control_tokens=self.control_tokens)
 
     def full_prompt(self, messages: Sequence[Message], encoded: Sequence[EncodedImage]) -> Prompt:
         """Token ids of a whole conversation (opening included), refused if it cannot fit the context."""
         return build_prompt(messages, [e.plan for e in encoded], self.format, self.tokenizer, self.image_token_id,
-                            max_tokens=self.max_context - 1)
+                            max_tokens=self.max_context - 1, control_tokens=self.control_tokens)
 
     def begin_turn(self) -> Turn:
         """A new turn: a fresh abort flag (an abort requested from now on stops this turn) and timings."""
@@ -511,12 +516,12 @@ class Chat:
             fits = self._history + len(prompt) < p.max_context
         else:
             prompt = build_prompt(self._messages + [message], [e.plan for e in self._images + encoded], p.format,
-                                  p.tokenizer, p.image_token_id)
+                                  p.tokenizer, p.image_token_id, control_tokens=p.control_tokens)
             fits = len(prompt) < p.max_context
         if not fits:
             used = self._history + len(prompt) if continuing else len(prompt)
             if len(self._messages) == len(self._system):  # nothing to drop: the message alone is too long
-                p.full_prompt(self._messages + [message], encoded)  # raises the plain PromptError
+                p.full_prompt(self._messages + [message], encoded)  # raises ContextLengthExceeded for the message alone
             if on_overflow == "error":
                 raise ContextFull(
                     f"the conversation no longer fits the model's context: {used} tokens, max_context is {p.max_context}",
