@@ -257,6 +257,7 @@ class App:
             try:
                 message = await asyncio.wait_for(request.receive(), max(0.0, wait))
             except asyncio.TimeoutError:
+                request.state.body_done = True  # no more waiting for it: the connection closes
                 raise APIError(408, f"the request body stopped arriving ({size} bytes in; the server waits "
                                f"{config.read_timeout_s:g} s between parts and {config.max_request_s:g} s in all)",
                                code="request_timeout", close=True) from None
