@@ -155,8 +155,13 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
         return
     try:
         _ChildWorker(pipeline, conn).run()
+    except (OSError, EOFError):  # the server is gone
+        pass
     finally:
         pipeline.close()
+    # The runtimes are released; the interpreter's own teardown (torch, ONNX Runtime) would take
+    # seconds and has nothing left to save, so a stop is not held up by it.
+    os._exit(0)
 
 
 def _message(err: SmolVLMError) -> str:
