@@ -29,7 +29,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Deque, Optional, Union
 
 from .errors import InputError, SmolVLMError
@@ -300,6 +300,7 @@ class Supervisor:
         self._seq = 0
         self._generation = 0
         self._process: Any = None
+        self._loaded = False  # whether the current worker process has sent Loaded
         self._outbox: "queue.Queue[Optional[ToWorker]]" = queue.Queue()
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._kill_reason: Optional[str] = None
@@ -321,7 +322,7 @@ class Supervisor:
         process.start()
         there.close()  # only the child holds its end now: the child's death is EOF on ours
         self._generation += 1
-        self._process, self._kill_reason = process, None
+        self._process, self._kill_reason, self._loaded = process, None, False
         self._outbox = queue.Queue()
         threading.Thread(target=self._write, args=(here, self._outbox), name="worker-writer", daemon=True).start()
         threading.Thread(target=self._read, args=(here, self._generation), name="worker-reader", daemon=True).start()
@@ -449,7 +450,7 @@ class Supervisor:
         if generation != self._generation:
             return
         if isinstance(message, Loaded):
-            self.info = message
+            self.info, self._loaded = message, True
             if self.state in ("loading", "restarting"):
                 self.state = "ready"
             if self.metrics is not None:
@@ -470,14 +471,14 @@ class Supervisor:
         self._running = None
         if isinstance(message, Finished):
             self._record(job, message)
+            cut = job.cancel_reason if message.finish_reason == "abort" else None  # else it ended on its own first
             if job.cancel_reason == "client":
                 self._finish(job, None, "aborted")
-            elif job.cancel_reason == "shutdown":
+            elif cut == "shutdown":
                 self._finish(job, Failed(job.id, 503, "the server is shutting down; the answer was cut short",
                                          "server_error", "server_shutting_down", RETRY_STOPPING_S), "aborted")
-            elif job.cancel_reason == "timeout":
-                self._finish(job, Finished(message.job, "length", message.prompt_tokens, message.completion_tokens,
-                                           message.timings), "served")
+            elif cut == "timeout":
+                self._finish(job, replace(message, finish_reason="length"), "served")
             else:
                 self._finish(job, message, "served")
         else:
@@ -552,6 +553,8 @@ class Supervisor:
         process = self._process
         if process is None:
             return
+        if not self._loaded and process.is_alive():  # still loading: it would read Stop only once loaded
+            process.kill()
         self._send(Stop())
         self._outbox.put(None)
         loop = asyncio.get_running_loop()

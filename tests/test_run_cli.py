@@ -288,21 +288,21 @@ def test_a_question_that_is_not_utf8_is_a_usage_error():
     assert "Traceback" not in result.stderr
 
 
-def test_chat_refuses_bad_lines_and_unknown_commands_and_goes_on(bundle, tmp_path):
+def test_chat_refuses_bad_lines_and_unknown_commands_and_goes_on(bundle, tmp_path, monkeypatch, capsys):
+    import io
     import os
 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     script = (b"caf\xe9 au lait?\n/imgae cat.png\n/image " + str(fifo).encode() + b"\n/image\n"
               b"//slash is a message\n/quit\n")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "board" / "run.py"), "--bundle", str(bundle), "--emulate", "--no-verify",
-         "--chat", "--json", "--max-new-tokens", "2"], input=script, capture_output=True, timeout=300, cwd=ROOT)
-    stderr = result.stderr.decode()
-    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(script)))  # piped bytes, as from a file
+    status = main(["--bundle", str(bundle), "--emulate", "--no-verify", "--chat", "--json", "--max-new-tokens", "2"])
+    out, stderr = capsys.readouterr()
+    assert status == 0 and "Traceback" not in stderr, stderr
     assert "error: that line is not valid UTF-8 text (byte 0xe9 at byte 3); it was not sent" in stderr
     assert "error: unknown command /imgae" in stderr and "is a FIFO" in stderr and "usage: /image PATH" in stderr
-    turns = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    turns = [json.loads(line) for line in out.splitlines()]
     assert len(turns) == 1  # only "//slash is a message" reached the model, as "/slash is a message"
     assert turns[0]["timings"]["history_tokens"] == 0
 

@@ -224,3 +224,11 @@ def test_a_bundle_the_worker_cannot_load_ends_the_server_with_one_line(bundle, t
     result = _serve("--bundle", str(broken), "--emulate", "--port", "0")
     _one_error(result, "does not match its checksum")
     assert "bound to" in result.stderr
+
+
+def test_sigterm_while_loading_exits_0_at_once(bundle):
+    proc = ServerProcess(bundle, "--quiet").wait_bound()
+    assert proc.health().json["status"] == "loading"
+    t0 = time.monotonic()
+    assert proc.stop() == 0, proc.output()
+    assert time.monotonic() - t0 < 10 and "Traceback" not in proc.output()
