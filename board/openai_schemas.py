@@ -25,10 +25,11 @@ Kept apart from the HTTP app so the rules can be read (and tested) in one place:
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
@@ -370,6 +371,16 @@ def chat_chunk(cid: str, created: int, model: str, delta: Optional[dict[str, Any
     if usage_counts is not None:
         out["usage"] = usage_counts
     return out
+
+
+def model_slug(name: str) -> str:
+    """The model id clients send: the bundle's model name as one word (no spaces, no description in
+    parentheses, a local checkpoint folder by its last component); the name itself stays the
+    display name in /v1/models."""
+    head = name.split(" (")[0].strip()
+    if head.startswith(("/", "./", "../", "~")):
+        head = PurePath(head).name
+    return re.sub(r"[^A-Za-z0-9._:/-]+", "-", head).strip("-/") or "smolvlm"
 
 
 def model_card(model: str, created: Optional[int] = None, name: Optional[str] = None) -> dict[str, Any]:

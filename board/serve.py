@@ -35,13 +35,12 @@ import asyncio
 import hmac
 import json
 import os
-import re
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script (python board/serve.py): board/_script_path.py fixes sys.path
@@ -69,6 +68,7 @@ from board.openai_schemas import (  # noqa: E402
     completion_id,
     model_card,
     model_list,
+    model_slug,
     parse_chat_request,
     usage,
 )
@@ -106,16 +106,6 @@ class ServerConfig:
     default_sampling: SamplingParams = SamplingParams()
     limits: Limits = field(default_factory=Limits)
     quiet: bool = False
-
-
-def model_slug(name: str) -> str:
-    """The model id clients send: the bundle's model name as one word (no spaces, no description in
-    parentheses, a local checkpoint folder by its last component); the name itself stays the
-    display name in /v1/models."""
-    head = name.split(" (")[0].strip()
-    if head.startswith(("/", "./", "../", "~")):
-        head = PurePath(head).name
-    return re.sub(r"[^A-Za-z0-9._:/-]+", "-", head).strip("-/") or "smolvlm"
 
 
 def say(message: str) -> None:

@@ -14,15 +14,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,7 +31,7 @@ from board.decoder import SamplingParams  # noqa: E402
 from board.openai_schemas import APIError, AnswerText, Limits, parse_chat_request, sampling_params  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
 from board.serve import API_KEY_ENV, SEQ_HEADER, model_slug  # noqa: E402
-from support import ROOT, ServerProcess, write_image  # noqa: E402
+from support import ServerProcess, write_image  # noqa: E402
 
 KEY = "test-key-123"
 Q = "What is in this image?"

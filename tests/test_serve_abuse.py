@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 from board.bundle import Bundle  # noqa: E402
 from board.prompt import build_prompt  # noqa: E402
 from board.serve import model_slug  # noqa: E402
-from support import ServerProcess, write_image  # noqa: E402
+from support import ServerProcess  # noqa: E402
 
 READ_TIMEOUT_S = 1.5
 
