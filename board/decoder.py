@@ -18,11 +18,18 @@ from typing import Iterator, Optional, Protocol
 
 import numpy as np
 
-from .errors import InputError, PromptError
+from .errors import ContextLengthExceeded, InputError, PromptError
 
 # top-k when a caller turns sampling on (temperature > 0 or top_p < 1) and names no top_k: the CLI's
 # and the server's default alike
 DEFAULT_TOP_K = 40
+# The smallest temperature and top_p that still sample: below them logits / temperature overflow
+# float32 (1e-300 gives inf and then NaN probabilities) and top_p rounds to 0 in librkllmrt's float,
+# while the answer would be greedy in all but name anyway (use temperature 0 or top_k 1 for that).
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-3
+# What a seed may be: torch's generator takes 64 bits, signed or not.
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,29 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.top_k == 1 or self.temperature == 0.0
 
+    def problem(self) -> Optional[tuple[str, str]]:
+        """(field, message) for the first value no backend can honour, else None: the one statement of
+        these rules, for the CLI's flags, the server's request fields and the decoders alike."""
+        if not self.max_new_tokens >= 1:
+            return "max_new_tokens", f"max_new_tokens must be at least 1, got {self.max_new_tokens}"
+        if not self.top_k >= 0:
+            return "top_k", f"top_k must be 0 (off) or more, got {self.top_k}"
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            return "top_p", f"top_p must be between {MIN_TOP_P} and 1, got {self.top_p}"
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            return "temperature", (f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                                   f"{self.temperature}: smaller values cannot be sampled with")
+        if not 0.0 < self.repeat_penalty < float("inf"):
+            return "repeat_penalty", f"repeat_penalty must be greater than 0, got {self.repeat_penalty}"
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            return "seed", f"seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {self.seed}"
+        return None
+
     def checked(self) -> "SamplingParams":
-        """Self, after refusing values no backend can honour."""
-        if (self.max_new_tokens < 1 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or self.temperature < 0
-                or self.repeat_penalty <= 0):
-            raise InputError(f"invalid sampling parameters: {self}")
+        """Self, after refusing values no backend can honour (InputError naming the first)."""
+        problem = self.problem()
+        if problem is not None:
+            raise InputError(f"invalid sampling parameters: {problem[1]}")
         return self
 
 
@@ -150,7 +175,7 @@ def checked_embeddings(embeddings: np.ndarray, hidden_size: int, cached: int, ma
     if not np.isfinite(emb).all():
         raise PromptError("embeddings contain NaN or infinity")
     if cached + emb.shape[0] >= max_context:
-        raise PromptError(
+        raise ContextLengthExceeded(
             f"the sequence does not fit the context: {cached} cached + {emb.shape[0]} new tokens, "
             f"max_context is {max_context}",
             hint="use fewer image tiles or a shorter prompt, reset the conversation, "

@@ -22,16 +22,18 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, InputError
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview]
 
@@ -59,34 +61,82 @@ class ImageInfo:
     orientation: int
 
 
+def _not_regular(mode: int) -> Optional[str]:
+    """What a file that is not a regular file is, in words (None for a regular file)."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR,
+                       "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def require_regular_file(path: Union[str, Path], what: str = "image") -> Path:
+    """`path` if it names a regular file (symlinks followed), else an InputError saying what it is.
+
+    The one rule for files given by users (CLI arguments, chat commands, the server's --image-dir):
+    FIFOs would block the reader until someone writes, devices like /dev/zero never end.
+    """
+    path = Path(path).expanduser()
+    error = ImageError if what == "image" else InputError
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    kind = _not_regular(mode)
+    if kind is not None:
+        raise error(f"{path} is {kind}, not a regular {what} file")
+    return path
+
+
+def read_regular_file(path: Union[str, Path], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an image file: a regular file (checked on the opened descriptor, so it cannot be
+    swapped in between) of at most `max_bytes`, read with that bound even if the file grows."""
+    path = Path(path).expanduser()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO must not block
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read image file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        info = os.fstat(fd)
+        kind = _not_regular(info.st_mode)
+        if kind is not None:
+            raise ImageError(f"{path} is {kind}, not a regular image file")
+        if info.st_size > max_bytes:
+            raise ImageError(f"{path} is {info.st_size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+        with os.fdopen(fd, "rb", closefd=True) as file:
+            fd = -1
+            data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageError(f"{path} grew past the {max_bytes / 1e6:.0f} MB limit while it was read")
+    return data
+
+
 def read_bytes(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Bytes of an image given as a path, raw bytes or a `data:` URI (as OpenAI image_url sends)."""
+    """Bytes of an image given as a path (a regular file: read_regular_file), raw bytes or a `data:` URI
+    (as OpenAI image_url sends), at most `max_bytes`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, str) and source.startswith("data:"):
         header, _, payload = source.partition(",")
         if ";base64" not in header:
             raise ImageError("only base64 data: URIs are supported (data:image/png;base64,...)")
+        if len(payload) // 4 * 3 > max_bytes + 3:  # refused before decoding
+            raise ImageError(f"the image is about {len(payload) * 3 / 4e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"the data: URI is not valid base64: {exc}") from exc
     elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageError(f"image file not found: {path}") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read image file {path}: {exc.strerror}") from exc
-        if path.is_dir():
-            raise ImageError(f"{path} is a folder, not an image file")
-        if size > max_bytes:
-            raise ImageError(f"{path} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"cannot read image file {path}: {exc.strerror}") from exc
+        data = read_regular_file(source, max_bytes=max_bytes)
     else:
         raise ImageError(f"cannot read an image from a {type(source).__name__}")
     if not data:

@@ -29,7 +29,7 @@ Context length: upstream's rule is max_context > history + prompt + max_new_toke
 rows leave no room for an answer next to the history raises `ContextFull` and changes nothing;
 `Chat.send(..., on_overflow="reset")` instead starts the conversation over with just the new message
 and says so in `Answer.notices` (the CLI does that). A single message too long for the context on
-its own is a PromptError. A max_new_tokens larger than the room left is capped to it (a notice says
+its own is ContextLengthExceeded (a PromptError). A max_new_tokens larger than the room left is capped to it (a notice says
 so; the answer then ends with finish_reason "length").
 """
 
@@ -47,9 +47,9 @@ import numpy as np
 from . import bundle_schema as S
 from .bundle import DECODER_HF, DECODER_RKLLM, Bundle
 from .decoder import Decoder, GenerationStep, SamplingParams
-from .errors import BundleError, DecoderError, InputError, PromptError
+from .errors import BundleError, ContextLengthExceeded, DecoderError, InputError
 from .image_io import image_from_array, load_image, read_bytes
-from .prompt import Prompt, build_prompt, drop_leading_space
+from .prompt import CONTROL_TOKEN_POLICIES, Prompt, build_prompt, drop_leading_space
 from .sequence import build_sequence, stack_rows
 from .system_checks import CheckResult, SystemPaths, require, run_checks
 from .tiles import budget_settings, check_tile_budget, split_image
@@ -59,7 +59,7 @@ ImageInput = Union[str, Path, bytes, bytearray, memoryview, np.ndarray]
 Message = Mapping[str, Any]
 
 
-class ContextFull(PromptError):
+class ContextFull(ContextLengthExceeded):
     """The new turn does not fit next to the conversation's history in the model's context."""
 
 
@@ -257,8 +257,12 @@ class Pipeline:
         vision_fallback: bool = False,
         embed_flash: Optional[bool] = None,
         rkllm_log_level: Optional[int] = None,
+        control_tokens: str = "special",
     ):
         t0 = time.perf_counter()
+        if control_tokens not in CONTROL_TOKEN_POLICIES:
+            raise InputError(f"control_tokens must be one of {', '.join(CONTROL_TOKEN_POLICIES)}, got {control_tokens!r}")
+        self.control_tokens = control_tokens  # what special-token strings in message text become (board/prompt.py)
         self.vision: Optional[VisionEncoder] = None
         self.decoder: Any = None
         self.emulate = emulate
@@ -427,12 +431,13 @@ class Pipeline:
     def continuation_prompt(self, resume: str, messages: Sequence[Message], plans: Sequence[Any]) -> Prompt:
         """Token ids for turns appended to a conversation the decoder holds: `resume` (the rest of the
         previous end-of-turn piece) + the turns rendered without the opening, tokenized as one text."""
-        return build_prompt(messages, plans, self.format, self.tokenizer, self.image_token_id, resume=resume)
+        return build_prompt(messages, plans, self.format, self.tokenizer, self.image_token_id, resume=resume,
+                            control_tokens=self.control_tokens)
 
     def full_prompt(self, messages: Sequence[Message], encoded: Sequence[EncodedImage]) -> Prompt:
         """Token ids of a whole conversation (opening included), refused if it cannot fit the context."""
         return build_prompt(messages, [e.plan for e in encoded], self.format, self.tokenizer, self.image_token_id,
-                            max_tokens=self.max_context - 1)
+                            max_tokens=self.max_context - 1, control_tokens=self.control_tokens)
 
     def answer_room(self, used: int) -> int:
         """New tokens that fit after `used` context positions: upstream's max_context > used + max_new_tokens."""
@@ -572,12 +577,12 @@ class Chat:
             fits = p.answer_room(self._history + len(prompt)) >= 1
         else:
             prompt = build_prompt(self._messages + [message], [e.plan for e in self._images + encoded], p.format,
-                                  p.tokenizer, p.image_token_id)
+                                  p.tokenizer, p.image_token_id, control_tokens=p.control_tokens)
             fits = p.answer_room(len(prompt)) >= 1
         if not fits:
             used = self._history + len(prompt) if continuing else len(prompt)
             if len(self._messages) == len(self._system):  # nothing to drop: the message alone is too long
-                p.full_prompt(self._messages + [message], encoded)  # raises the plain PromptError
+                p.full_prompt(self._messages + [message], encoded)  # raises ContextLengthExceeded for the message alone
             if on_overflow == "error":
                 raise ContextFull(
                     f"the conversation no longer fits the model's context: {used} tokens, max_context is {p.max_context}",

@@ -5,7 +5,10 @@
     python board/run.py --bundle out/bundle --emulate --json --image a.jpg --image b.jpg "Compare them."
 
 Runs from a copied folder (the parent of board/ is put on sys.path) and as the installed
-`smolvlm-run` command. Errors are one plain message on stderr and a non-zero exit status.
+`smolvlm-run` command. Errors are one plain message on stderr and a non-zero exit status; what
+can be checked before the model loads (text that is not UTF-8, sampling values no backend takes,
+files that are not regular files) is checked first. In --chat a bad line is refused and the
+conversation goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ if __package__ in (None, ""):  # run as a script (python board/run.py): board/_s
 
 from board.decoder import DEFAULT_TOP_K, SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
+from board.image_io import require_regular_file  # noqa: E402
+from board.prompt import CONTROL_TOKEN_POLICIES  # noqa: E402
 from board.system_checks import exit_status, run_checks  # noqa: E402
 from board.tiles import check_tile_budget  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
@@ -37,10 +42,17 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 class _UsageError(Exception):
     """Arguments that parse but do not make sense together; reported like argparse's own errors."""
 
+
+class _NotText(Exception):
+    """A line of input that is not valid UTF-8 text."""
+
+
 CHAT_HELP = """In --chat: /image PATH attaches an image to the next message, /video PATH a video,
-/reset starts a new conversation, /quit (or Ctrl-D) ends. Ctrl-C stops an answer; Ctrl-C again
-(or at the prompt) exits. A conversation that outgrows the model's context starts over with the
-new message, and a notice on stderr says so."""
+/reset starts a new conversation, /quit (or Ctrl-D) ends; any other /word is refused (start a
+message with // to send one that begins with /). Ctrl-C stops an answer; Ctrl-C again (or at the
+prompt) exits. A conversation that outgrows the model's context starts over with the new message,
+and a notice on stderr says so."""
+COMMANDS = ("/image", "/video", "/reset", "/help", "/quit", "/exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "probability >= P")
     parser.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R",
                         help="divide the scores of tokens already in the answer by R (1.0 = off)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling (emulation; librkllmrt has none)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling, a 64-bit integer (emulation; "
+                        "librkllmrt has none)")
+    parser.add_argument("--control-tokens", choices=CONTROL_TOKEN_POLICIES, default="special",
+                        help="what special-token strings typed in the text become: 'special' (default) the model's "
+                        "control tokens, as transformers tokenizes them (reference parity); 'text' plain text, so "
+                        "text pasted from elsewhere cannot end a turn or start a new one")
     parser.add_argument("--checks", action="store_true",
                         help="only run the system checks, print them and exit with the status of the first "
                              "missing piece (python -m board.system_checks --help lists them)")
@@ -95,6 +112,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-fallback", action="store_true", help="use the bundle's fallback vision model "
                         "(fp16, Rockchip's conv input layout; host.convert --vision-fallback) instead of the main one")
     return parser
+
+
+def text_problem(text: str) -> Optional[str]:
+    """Why `text` is not valid Unicode text (bytes that were not UTF-8 arrive as lone surrogates), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        detail = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        return f"is not valid UTF-8 text ({detail} at character {exc.start})"
+    return None
+
+
+def read_line(prompt: str, interactive: bool) -> Optional[str]:
+    """The next line of input without its newline, None at the end; _NotText for a line that is not
+    UTF-8 (read as bytes when piped, so one bad line cannot spoil the lines after it)."""
+    if interactive:
+        try:
+            line = input(prompt)
+        except EOFError:
+            return None
+        except UnicodeDecodeError as exc:
+            raise _NotText(f"is not valid UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
+    else:
+        stream = getattr(sys.stdin, "buffer", None)
+        raw = stream.readline() if stream is not None else sys.stdin.readline()
+        if not raw:
+            return None
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _NotText(f"is not valid UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start})") from None
+        line = raw.rstrip("\r\n")
+    problem = text_problem(line)
+    if problem is not None:
+        raise _NotText(problem)
+    return line
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -163,47 +218,58 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
     chat = pipeline.chat(args.system)
     images: list[str] = list(args.image)
     video: Optional[str] = args.video
-    first: Optional[str] = args.question
+    first: Optional[str] = args.question  # the command line's question is a message, never a /command
     interactive = sys.stdin.isatty()
     if interactive and not args.json:
         print(f"chatting with {pipeline.bundle.model_id}\n{CHAT_HELP}", file=sys.stderr)
     while True:
         if first is not None:
-            line, first = first, None
+            line, first = first.strip(), None
         else:
             try:
-                line = input("> " if interactive else "")
-            except EOFError:
-                return 0
+                typed = read_line("> " if interactive else "", interactive)
+            except _NotText as err:
+                print(f"error: that line {err}; it was not sent", file=sys.stderr)
+                continue
             except KeyboardInterrupt:
                 print(file=sys.stderr)
                 return EXIT_INTERRUPTED
-        line = line.strip()
+            if typed is None:
+                return 0
+            line = typed.strip()
+            if line.startswith("//"):
+                line = line[1:]  # a message that begins with /
+            elif line.startswith("/"):
+                command, _, rest = line.partition(" ")
+                if command not in COMMANDS:
+                    print(f"error: unknown command {command} (commands: {', '.join(COMMANDS)}; start the line "
+                          "with // to send it as a message)", file=sys.stderr)
+                    continue
+                if command in ("/quit", "/exit"):
+                    return 0
+                if command == "/help":
+                    print(CHAT_HELP, file=sys.stderr)
+                elif command == "/reset":
+                    chat.reset()
+                    images, video = [], None
+                    print("(new conversation)", file=sys.stderr)
+                else:
+                    path = rest.strip()
+                    try:
+                        if not path:
+                            raise InputError(f"usage: {command} PATH")
+                        require_regular_file(path, command[1:])
+                    except InputError as err:
+                        print(f"error: {err}", file=sys.stderr)
+                        continue
+                    if command == "/image":
+                        images.append(path)
+                        print(f"(image {len(images)} attached to the next message)", file=sys.stderr)
+                    else:
+                        video = path
+                        print("(video attached to the next message)", file=sys.stderr)
+                continue
         if not line:
-            continue
-        command, _, rest = line.partition(" ")
-        if command in ("/quit", "/exit"):
-            return 0
-        if command == "/help":
-            print(CHAT_HELP, file=sys.stderr)
-            continue
-        if command == "/reset":
-            chat.reset()
-            images, video = [], None
-            print("(new conversation)", file=sys.stderr)
-            continue
-        if command in ("/image", "/video"):
-            path = rest.strip()
-            if not path:
-                print(f"usage: {command} PATH", file=sys.stderr)
-            elif not Path(path).expanduser().is_file():
-                print(f"error: file not found: {path}", file=sys.stderr)
-            elif command == "/image":
-                images.append(path)
-                print(f"(image {len(images)} attached to the next message)", file=sys.stderr)
-            else:
-                video = path
-                print("(video attached to the next message)", file=sys.stderr)
             continue
         try:
             with Interrupts(pipeline):
@@ -219,6 +285,31 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
             images, video = [], None
 
 
+def check_args(args: argparse.Namespace) -> SamplingParams:
+    """Everything about the arguments that can be checked before the model loads; the sampling."""
+    if args.max_new_tokens < 1:
+        raise _UsageError("--max-new-tokens must be at least 1")
+    try:
+        check_tile_budget(args.max_tiles)
+    except InputError as err:
+        raise _UsageError(f"--max-tiles: {err}") from None
+    if not args.chat and not args.question:
+        raise _UsageError("give a question (or use --chat)")
+    for name, text in (("the question", args.question), ("--system", args.system)):
+        problem = text_problem(text) if text is not None else None
+        if problem is not None:
+            raise _UsageError(f"{name} {problem}")
+    sampling = sampling_from_args(args)
+    problem = sampling.problem()
+    if problem is not None:
+        raise _UsageError(f"--{problem[0].replace('_', '-')}: {problem[1]}")
+    for path in args.image:
+        require_regular_file(path, "image")
+    if args.video is not None:
+        require_regular_file(args.video, "video")
+    return sampling
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = sys.stdout
@@ -230,19 +321,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for result in results:
                 print(result.line(), file=out)
             return exit_status(results)
-        if args.max_new_tokens < 1:
-            raise _UsageError("--max-new-tokens must be at least 1")
-        try:
-            check_tile_budget(args.max_tiles)
-        except InputError as err:
-            raise _UsageError(f"--max-tiles: {err}") from None
-        if not args.chat and not args.question:
-            raise _UsageError("give a question (or use --chat)")
-        sampling = sampling_from_args(args)
+        sampling = check_args(args)
         from board.pipeline import Pipeline
 
         with Pipeline(args.bundle, emulate=args.emulate, verify=not args.no_verify, npu_cores=args.npu_cores,
-                      max_tiles=args.max_tiles, sampling=sampling, vision_fallback=args.vision_fallback) as pipeline:
+                      max_tiles=args.max_tiles, sampling=sampling, vision_fallback=args.vision_fallback,
+                      control_tokens=args.control_tokens) as pipeline:
             if args.chat:
                 return chat_loop(pipeline, args, sampling, out)
             with Interrupts(pipeline):
@@ -262,8 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # a bug, not a user error: one line unless SMOLVLM_DEBUG asks for the traceback
         if os.environ.get("SMOLVLM_DEBUG"):
             raise
-        print(f"error: unexpected {type(err).__name__}: {err} (set SMOLVLM_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"error: internal error (a bug, please report it): {type(err).__name__}: {err} "
+              "(set SMOLVLM_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_ERROR
 
 

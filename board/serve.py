@@ -5,53 +5,62 @@
     python board/serve.py --bundle out/bundle --emulate --port 0      # x86; prints the port it took
 
 Endpoints: POST /v1/chat/completions (stream or not), GET /v1/models, GET /v1/models/{id},
-GET /health. Request rules (images, sampling, stop, limits) are in board/openai_schemas.py.
+GET /health, GET /metrics (Prometheus text). Request rules (images, sampling, stop, limits) are in
+board/openai_schemas.py.
 
-Why the standard library's ThreadingHTTPServer and no web framework: the board side stays a few
-light packages, and the server's real constraint is not HTTP concurrency but the one NPU pipeline.
-One worker thread owns the Pipeline and takes requests from a FIFO queue, so concurrent requests
-are answered one after another in arrival order and the runtimes never see two calls at once
-(librkllmrt and rknnlite contexts are not meant to be shared across threads). HTTP threads only
-parse, validate (images' headers included, before queueing) and relay the worker's events. A client
-that disconnects is noticed while its request waits or streams: a queued request is dropped, a
-running one is aborted (after its images finish encoding: the vision stage is not interruptible).
+Process model. uvicorn (HTTP/1.1: connections, backlog, keep-alive, IPv6, graceful shutdown) runs a
+thin Starlette app in this process, which reads, parses and validates every request (images'
+headers included) before it queues. One NPU worker *process* (board/serve_worker.py) owns the
+Pipeline and answers queued requests one after another in arrival order: the runtimes never see
+two calls at once, and a crash in a Rockchip library ends only the worker, which is restarted (the
+requests it held and those queued get 503). The socket is bound before the worker loads the
+bundle, so a busy port fails at once, and /health answers 503 {"status": "loading"} until the
+model is ready. A client that disconnects loses its place in the queue or has its answer aborted.
 
-Errors are OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 4xx for requests the
-server refuses (board.errors.InputError included), 5xx for failures of the runtime, 503 when the
-queue is full. It listens on 127.0.0.1 unless --host says otherwise; with an API key (--api-key or,
-better, $SMOLVLM_API_KEY so it stays out of `ps`) every /v1 request needs `Authorization: Bearer KEY`
-(/health does not: it tells only whether the server is up and busy).
+Errors are OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a stable snake_case
+code, for every 4xx/5xx (routing's 404/405 and uvicorn's own 400/408 included); every 503 carries
+Retry-After. It listens on 127.0.0.1 unless --host says otherwise; with an API key (--api-key or,
+better, $SMOLVLM_API_KEY so it stays out of `ps`) every /v1 request and /metrics need
+`Authorization: Bearer KEY` (/health does not: it tells only whether the server is up and busy).
+
+SIGTERM or Ctrl-C: the server stops accepting connections, answers the queued requests 503, gives
+the running answer --shutdown-grace-s to finish (then cuts it: a stream ends with an error event
+and [DONE]), stops the worker and exits 0. A second Ctrl-C does not wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import os
-import queue
-import select
 import signal
 import socket
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
-from urllib.parse import unquote, urlparse
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script (python board/serve.py): board/_script_path.py fixes sys.path
     import runpy
 
     runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
+import uvicorn  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.background import BackgroundTask  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import Response, StreamingResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
 from board.decoder import SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.openai_schemas import (  # noqa: E402
     APIError,
-    AnswerText,
     ChatRequest,
     Limits,
     chat_chunk,
@@ -59,17 +68,26 @@ from board.openai_schemas import (  # noqa: E402
     completion_id,
     model_card,
     model_list,
+    model_slug,
     parse_chat_request,
     usage,
 )
+from board.prompt import CONTROL_TOKEN_POLICIES  # noqa: E402
+from board.serve_http import BODY_CUT, Protocol  # noqa: E402
+from board.serve_metrics import Metrics  # noqa: E402
+from board.serve_worker import HANG_S, Failed, Finished, Job, Loaded, Started, Supervisor, Text, WorkerSpec  # noqa: E402
 from board.tiles import check_tile_budget  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
 API_KEY_ENV = "SMOLVLM_API_KEY"
 SEQ_HEADER = "X-SmolVLM-Seq"  # the order in which the NPU worker started this request (1, 2, ...)
-_POLL_S = 0.2  # how often a waiting HTTP thread checks whether its client is still there
-# A refused request's body is read and dropped (up to this size and time) before the connection closes.
+# A request refused before its body was read has the body read and dropped (up to this size and
+# time) before the connection closes, so a client that sends it all before reading gets the error.
 _DRAIN_BYTES, _DRAIN_S = 64 << 20, 10.0
+# Message text that could not fit the context: characters > max_context x longest token x this
+# (2: room for normalizers that merge characters), refused before the worker tokenizes it.
+_PROMPT_CHARS_SLACK = 2
+_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
 
 
 @dataclass
@@ -79,360 +97,410 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: Optional[str] = None
-    model_name: Optional[str] = None  # the id /v1/models shows; default: the bundle's model id
+    model_name: Optional[str] = None  # the id /v1/models shows; default: a slug of the bundle's model name
     max_body_bytes: int = 32 << 20
     max_queue: int = 16
+    max_request_s: float = 120.0
+    read_timeout_s: float = 10.0
+    shutdown_grace_s: float = 20.0
     default_sampling: SamplingParams = SamplingParams()
-    max_tiles: Optional[int] = None
     limits: Limits = field(default_factory=Limits)
     quiet: bool = False
 
 
-# -- the NPU queue ----------------------------------------------------------------------------
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-class Job:
-    """One request on its way through the worker; the HTTP thread reads `events`:
-    ("start", seq) once the prompt is built, ("text", str)..., then ("done", dict) or ("error", APIError)."""
-
-    def __init__(self, request: ChatRequest):
-        self.request = request
-        self.events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
-        self.cancelled = threading.Event()
+class _ClientGone(Exception):
+    """The client disconnected while its request waited or ran."""
 
 
-class Worker:
-    """The single owner of the Pipeline: runs queued jobs one at a time, in arrival order."""
-
-    def __init__(self, pipeline: Any, *, max_queue: int, max_tiles: Optional[int]):
-        self.pipeline = pipeline
-        self.max_tiles = max_tiles
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
-        self._lock = threading.Lock()
-        self._current: Optional[Job] = None
-        self._seq = 0
-        self.counts = {"served": 0, "aborted": 0, "failed": 0}
-        self._thread = threading.Thread(target=self._run, name="npu-worker", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, "the server is busy (request queue full); retry later", type="server_error",
-                           code="server_overloaded") from None
-
-    def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job if queued, abort it if running."""
-        job.cancelled.set()
-        with self._lock:
-            if self._current is job:
-                self.pipeline.abort()
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {"running": self._current is not None, "queued": self._queue.qsize(), **self.counts}
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Abort the running job, drop the queued ones, and end the thread."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancelled.set()
-                self.counts["aborted"] += 1
-                job.events.put(("error", APIError(503, "the server is shutting down", type="server_error")))
-        with self._lock:
-            if self._current is not None:
-                self._current.cancelled.set()
-                self.pipeline.abort()
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                self.counts["aborted"] += 1
-                continue
-            with self._lock:
-                self._seq += 1
-                self._current = job
-                seq = self._seq
-            try:
-                self._serve(job, seq)
-            except APIError as err:
-                self.counts["failed"] += 1
-                job.events.put(("error", err))
-            except InputError as err:
-                self.counts["failed"] += 1
-                job.events.put(("error", APIError(400, str(err), code=type(err).__name__)))
-            except SmolVLMError as err:
-                self.counts["failed"] += 1
-                job.events.put(("error", APIError(500, str(err), type="server_error", code=type(err).__name__)))
-            except Exception as err:  # noqa: BLE001 - a bug must not take the server down
-                self.counts["failed"] += 1
-                job.events.put(("error", APIError(500, f"unexpected {type(err).__name__}: {err}", type="server_error")))
-            finally:
-                with self._lock:
-                    self._current = None
-
-    def _serve(self, job: Job, seq: int) -> None:
-        request, pipeline = job.request, self.pipeline
-        max_tiles = request.max_tiles if request.max_tiles is not None else self.max_tiles
-        reply = pipeline.generate(request.messages, request.images, sampling=request.sampling, max_tiles=max_tiles)
-        job.events.put(("start", seq))
-        shown = AnswerText(request.stop)
-        for step in reply:  # drained to the end even after an abort, so the decoder is left idle
-            if job.cancelled.is_set() or shown.stopped:
-                pipeline.abort()
-                continue
-            text = shown.feed(step.text)
-            if text:
-                job.events.put(("text", text))
-            if shown.stopped:
-                pipeline.abort()
-        answer = reply.answer
-        tail = shown.flush()
-        if tail:
-            job.events.put(("text", tail))
-        if job.cancelled.is_set():
-            self.counts["aborted"] += 1
-            return
-        self.counts["served"] += 1
-        finish = "stop" if shown.stopped else answer.finish_reason
-        job.events.put(("done", {"finish_reason": finish, "prompt_tokens": len(reply.prompt),
-                                 "completion_tokens": len(answer.token_ids), "timings": answer.timings.to_dict()}))
+# -- the app ----------------------------------------------------------------------------------
 
 
-# -- HTTP -------------------------------------------------------------------------------------
+class App:
+    """The HTTP side: routes, request reading and the translation of worker events into responses."""
 
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, config: ServerConfig, worker: Worker, model: str, aliases: Sequence[str], backend: str):
-        self.config, self.worker, self.model, self.backend = config, worker, model, backend
-        self.model_ids = {model, *aliases}
+    def __init__(self, config: ServerConfig, supervisor: Supervisor, metrics: Metrics, *, model: str,
+                 display_name: str, backend: str):
+        self.config, self.supervisor, self.metrics = config, supervisor, metrics
+        self.model, self.display_name, self.backend = model, display_name, backend
+        self.model_ids = {model, display_name}
+        self.limits = config.limits
         self.created = int(time.time())
-        super().__init__((config.host, config.port), Handler)
+        routes = [
+            Route("/health", self._endpoint(self.health), methods=["GET"]),
+            Route("/metrics", self._endpoint(self.prometheus), methods=["GET"]),
+            Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._endpoint(self.model_card), methods=["GET"]),
+            Route("/v1/chat/completions", self._endpoint(self.chat), methods=["POST"]),
+        ]
+        self.starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._routing_error})
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """ASGI entry: Starlette, with each answer counted by endpoint and status for /metrics."""
+        if scope["type"] != "http":
+            return await self.starlette(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "smolvlm-rk3588"
-    timeout = 120  # seconds a client may take to send a request (or sit idle on a kept-alive connection)
-    server: Server
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
+            await send(message)
 
-    # -- plumbing ---------------------------------------------------------------------------
+        await self.starlette(scope, receive, counted)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if not self.server.config.quiet:
-            super().log_message(format, *args)
+    def loaded(self, info: Loaded) -> None:
+        """The worker's tokenizer bounds the text a prompt that fits can have."""
+        self.limits = replace(self.limits, max_prompt_chars=info.max_context * info.max_token_chars * _PROMPT_CHARS_SLACK)
 
-    def _send_json(self, status: int, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+    # -- plumbing ---------------------------------------------------------------------------------
 
-    def _send_error(self, err: APIError) -> None:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        self._send_json(err.status, err.body(), headers)
+    def _endpoint(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except APIError as err:
+                return await self.error(request, err)
+            except _ClientGone:
+                return Response(status_code=204)  # nobody reads it
+            except Exception as err:  # noqa: BLE001 - a bug: one line in the log, a 500 to the client
+                say(f"error: internal error answering {request.method} {request.url.path}: {type(err).__name__}: {err}")
+                return await self.error(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
 
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
+        return run
 
-    def _event(self, body: Any) -> None:
-        payload = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
-        self._chunk(f"data: {payload}\n\n".encode())
+    async def _routing_error(self, request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            err = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+            return await self.error(request, err, dict(exc.headers or {}))
+        if exc.status_code == 404:
+            return await self.error(request, APIError(404, f"no such endpoint: {request.method} {request.url.path}",
+                                                      code="not_found"))
+        return await self.error(request, APIError(exc.status_code, str(exc.detail)))
 
-    def _client_gone(self) -> bool:
-        """True when the client closed its end (readable with nothing to read) or reset it."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
+    async def error(self, request: Request, err: APIError, headers: Optional[dict[str, str]] = None) -> Response:
+        """The OpenAI-shaped answer to a refused request (its unread body drained first, boundedly)."""
+        headers = dict(headers or {})
+        if err.retry_after is not None:
+            headers["Retry-After"] = str(err.retry_after)
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        close = err.close
+        if not getattr(request.state, "body_done", False) and _has_body(request):
+            await self._drain(request)
+            close = True
+        if close:
+            headers["Connection"] = "close"
+        data = json.dumps(err.body()).encode()  # ASCII: an error may quote whatever the client sent
+        return Response(data, status_code=err.status, headers=headers, media_type="application/json")
 
-    def _authorize(self) -> None:
-        key = self.server.config.api_key
+    async def _drain(self, request: Request) -> None:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > _DRAIN_BYTES):
+            return
+        loop = asyncio.get_running_loop()
+        deadline, read = loop.time() + _DRAIN_S, 0
+        while read <= _DRAIN_BYTES:
+            try:
+                message = await asyncio.wait_for(request.receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
         if not key:
             return
-        given = self.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            self.close_connection = True  # the body, if any, is not read
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def _drain_body(self) -> None:
-        """Read and drop the body of a request refused before reading it (bounded in bytes and time), so a
-        client that sends its whole body before reading the answer gets the error, not a broken pipe."""
-        try:
-            left = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return
-        if left > _DRAIN_BYTES:
-            return
-        deadline = time.monotonic() + _DRAIN_S
-        try:
-            self.connection.settimeout(_DRAIN_S)
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.rfile.read(min(left, 1 << 16))
-                if not chunk:
-                    return
-                left -= len(chunk)
-        except OSError:
-            return
-
-    def _read_json(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
-            self.close_connection = True
-            raise APIError(411, "send the request body with a Content-Length header", code="length_required")
-        try:
-            size = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise APIError(400, "invalid Content-Length header") from None
-        if size > self.server.config.max_body_bytes:
-            self.close_connection = True
-            raise APIError(413, f"the request body is {size} bytes; this server takes at most "
-                           f"{self.server.config.max_body_bytes}", code="request_too_large")
-        data = self.rfile.read(size)
-        self._body_read = True
-        if len(data) != size:
-            self.close_connection = True
-            raise APIError(400, "the request body ended early")
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-
-    # -- routes -----------------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        path = urlparse(self.path).path.rstrip("/")
-        try:
-            if path == "/health":
-                self._send_json(200, {"status": "ok", "model": self.server.model, "backend": self.server.backend,
-                                      **self.server.worker.status()})
-                return
-            self._authorize()
-            if path == "/v1/models":
-                self._send_json(200, model_list(self.server.model, self.server.created))
-            elif path.startswith("/v1/models/"):
-                wanted = unquote(path[len("/v1/models/"):])
-                if wanted not in self.server.model_ids:
-                    raise APIError(404, f"the model '{wanted}' does not exist on this server", code="model_not_found",
-                                   param="model")
-                self._send_json(200, model_card(self.server.model, self.server.created))
-            else:
-                raise APIError(404, f"no such endpoint: GET {path}", code="not_found")
-        except APIError as err:
-            self._send_error(err)
-
-    def do_POST(self) -> None:
-        path = urlparse(self.path).path.rstrip("/")
-        self._body_read = False
-        try:
-            if path != "/v1/chat/completions":
-                self.close_connection = True
-                raise APIError(404, f"no such endpoint: POST {path}", code="not_found")
-            self._authorize()
-            body = self._read_json()
-            config = self.server.config
-            request = parse_chat_request(body, default_sampling=config.default_sampling, limits=config.limits)
-            if request.model not in self.server.model_ids:
-                raise APIError(404, f"the model '{request.model}' does not exist on this server; it serves "
-                               f"'{self.server.model}'", code="model_not_found", param="model")
-            self._complete(request)
-        except APIError as err:
-            self._send_error(err)
-            if not self._body_read:
-                self._drain_body()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as err:  # noqa: BLE001 - a bug: answer 500 and keep serving
-            self.close_connection = True
-            self._send_error(APIError(500, f"unexpected {type(err).__name__}: {err}", type="server_error"))
-
-    def _next_event(self, job: Job) -> Optional[tuple[str, Any]]:
-        """The job's next event, or None (and the job cancelled) once the client has gone."""
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, read while it arrives: at most --max-body-mb, no pause longer than --read-timeout-s,
+        all of it within --max-request-s."""
+        config = self.config
+        declared: Optional[int] = None
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise APIError(400, "invalid Content-Length header", code="invalid_content_length", close=True)
+            declared = int(length)
+        limit = config.max_body_bytes
+        too_large = APIError(413, f"the request body is larger than this server takes ({limit} bytes)",
+                             code="request_too_large")
+        if declared is not None and declared > limit:
+            raise too_large
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.max_request_s
+        chunks: list[bytes] = []
+        size = 0
         while True:
+            wait = min(config.read_timeout_s, deadline - loop.time())
             try:
-                return job.events.get(timeout=_POLL_S)
-            except queue.Empty:
-                if self._client_gone():
-                    self.server.worker.cancel(job)
-                    self.close_connection = True
-                    return None
+                message = await asyncio.wait_for(request.receive(), max(0.0, wait))
+            except asyncio.TimeoutError:
+                request.state.body_done = True  # no more waiting for it: the connection closes
+                raise APIError(408, f"the request body stopped arriving ({size} bytes in; the server waits "
+                               f"{config.read_timeout_s:g} s between parts and {config.max_request_s:g} s in all)",
+                               code="request_timeout", close=True) from None
+            if message["type"] != "http.request":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        request.state.body_done = True
+        if request.scope.get(BODY_CUT):
+            got = f"{size} of {declared} bytes" if declared is not None else f"{size} bytes, before its last chunk"
+            raise APIError(400, f"the request body ended early ({got}): the client closed its side",
+                           code="incomplete_body", close=True)
+        return b"".join(chunks)
 
-    def _complete(self, request: ChatRequest) -> None:
-        job = Job(request)
-        self.server.worker.submit(job)
-        cid, created, model = completion_id(), int(time.time()), self.server.model
-        event = self._next_event(job)
-        if event is None:
-            return
-        kind, value = event
-        if kind == "error":
-            raise value
-        seq = value
-        if not request.stream:
-            pieces: list[str] = []
-            while (event := self._next_event(job)) is not None:
-                kind, value = event
-                if kind == "text":
-                    pieces.append(value)
-                elif kind == "error":
-                    raise value
-                else:
-                    self._send_json(200, chat_completion(
-                        cid, created, model, "".join(pieces), value["finish_reason"],
-                        usage(value["prompt_tokens"], value["completion_tokens"]), value["timings"]),
-                        {SEQ_HEADER: str(seq)})
-                    return
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header(SEQ_HEADER, str(seq))
-        self.end_headers()
+    def _parse(self, data: bytes) -> ChatRequest:
+        """JSON and the request rules (run in a thread: large bodies and image headers take a while)."""
         try:
-            self._event(chat_chunk(cid, created, model, {"role": "assistant", "content": ""}))
-            while (event := self._next_event(job)) is not None:
-                kind, value = event
-                if kind == "text":
-                    self._event(chat_chunk(cid, created, model, {"content": value}))
+            body = json.loads(data)
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply to be a chat request", code="invalid_json") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer with too many digits
+            raise APIError(400, f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+        return parse_chat_request(body, default_sampling=self.config.default_sampling, limits=self.limits)
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        status = self.supervisor.status()
+        ready = status["state"] == "ready"
+        body = {"status": "ok" if ready else status["state"], "model": self.model, "backend": self.backend, **status}
+        headers = None if ready else {"Retry-After": "5"}
+        return _json(body, 200 if ready else 503, headers)
+
+    async def prometheus(self, request: Request) -> Response:
+        self._authorize(request)
+        data, content_type = self.metrics.render()
+        return Response(data, headers={"Content-Type": content_type})
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return _json(model_list(self.model, self.created, self.display_name))
+
+    async def model_card(self, request: Request) -> Response:
+        self._authorize(request)
+        wanted = request.path_params["model"]
+        if wanted not in self.model_ids:
+            raise APIError(404, f"the model '{wanted}' does not exist on this server", code="model_not_found",
+                           param="model")
+        return _json(model_card(self.model, self.created, self.display_name))
+
+    async def chat(self, request: Request) -> Response:
+        self._authorize(request)
+        data = await self._read_body(request)
+        chat = await run_in_threadpool(self._parse, data)
+        if chat.model not in self.model_ids:
+            raise APIError(404, f"the model '{chat.model}' does not exist on this server; it serves '{self.model}'",
+                           code="model_not_found", param="model")
+        job = self.supervisor.submit(chat)
+        gone = asyncio.ensure_future(_disconnected(request))
+        handed_over = False
+        try:
+            first = await _next_event(job, gone)
+            if isinstance(first, Failed):
+                raise first.error()
+            assert isinstance(first, Started)
+            cid, created, headers = completion_id(), int(time.time()), {SEQ_HEADER: str(job.seq)}
+            if chat.stream:
+                gone.cancel()  # from here Starlette's StreamingResponse watches for the disconnect
+                handed_over = True
+                return StreamingResponse(self._stream(job, chat, cid, created), headers={
+                    **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no"}, background=BackgroundTask(self._settle, job))
+            pieces: list[str] = []
+            while True:
+                event = await _next_event(job, gone)
+                if isinstance(event, Text):
+                    pieces.append(event.text)
+                elif isinstance(event, Failed):
+                    raise event.error()
+                elif isinstance(event, Finished):
+                    return _json(chat_completion(cid, created, self.model, "".join(pieces), event.finish_reason,
+                                                 usage(event.prompt_tokens, event.completion_tokens), event.timings),
+                                 headers=headers)
+        finally:
+            gone.cancel()
+            if not handed_over and job.state != "done":
+                self.supervisor.cancel(job)
+
+    async def _settle(self, job: Job) -> None:
+        """After a stream (run even when the client left before it began): a job still going is cancelled."""
+        if job.state != "done":
+            self.supervisor.cancel(job)
+
+    async def _stream(self, job: Job, chat: ChatRequest, cid: str, created: int) -> AsyncIterator[bytes]:
+        """The SSE events of a streamed answer; it ends with [DONE] after the final or an error event."""
+        model = self.model
+        ended = False
+        try:
+            yield _event(chat_chunk(cid, created, model, {"role": "assistant", "content": ""}))
+            while True:
+                event = await job.events.get()
+                if isinstance(event, Text):
+                    yield _event(chat_chunk(cid, created, model, {"content": event.text}))
                     continue
-                if kind == "error":  # headers are sent: report it in the stream, as OpenAI does
-                    self._event(value.body())
-                else:
-                    self._event(chat_chunk(cid, created, model, {}, value["finish_reason"]))
-                    if request.include_usage:
-                        self._event(chat_chunk(cid, created, model,
-                                               usage_counts=usage(value["prompt_tokens"], value["completion_tokens"])))
-                    self._event("[DONE]")
-                self._chunk(b"")
+                if isinstance(event, Finished):
+                    yield _event(chat_chunk(cid, created, model, {}, event.finish_reason))
+                    if chat.include_usage:
+                        yield _event(chat_chunk(cid, created, model,
+                                                usage_counts=usage(event.prompt_tokens, event.completion_tokens)))
+                elif isinstance(event, Failed):  # the headers are sent: report it in the stream, as OpenAI does
+                    yield _event(event.error().body())
+                ended = True
+                yield b"data: [DONE]\n\n"
                 return
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.worker.cancel(job)
-            self.close_connection = True
+        finally:
+            if not ended:
+                self.supervisor.cancel(job)
+
+
+def _has_body(request: Request) -> bool:
+    return request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+
+
+def _json(body: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False).encode(), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def _event(body: Any) -> bytes:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (after the body, receive() has nothing else to say)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_event(job: Job, gone: "asyncio.Future[None]") -> Any:
+    if not job.events.empty():
+        return job.events.get_nowait()
+    getter = asyncio.ensure_future(job.events.get())
+    await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    raise _ClientGone
+
+
+# -- running it ---------------------------------------------------------------------------------
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling us when a signal starts the graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first:
+            self._on_signal()
+
+
+def _log_config(quiet: bool) -> dict[str, Any]:
+    """uvicorn's messages as plain lines on stderr: warnings always, the access log unless --quiet."""
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                    "uvicorn.access": {"handlers": [] if quiet else ["stderr"], "level": "INFO", "propagate": False}},
+    }
+
+
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening socket for host:port (IPv4 or IPv6; '::' takes IPv4 too), or OSError."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address[0] == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Server:
+    """Everything one `serve.py` run owns: the socket, the worker's supervisor, the app, uvicorn."""
+
+    def __init__(self, config: ServerConfig, spec: WorkerSpec, *, model: str, display_name: str, backend: str):
+        self.config = config
+        self.sock = bind(config.host, config.port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.metrics = Metrics()
+        self.supervisor = Supervisor(spec, max_queue=config.max_queue, max_request_s=config.max_request_s,
+                                     metrics=self.metrics, on_loaded=self._loaded, on_failed=self._failed)
+        self.app = App(config, self.supervisor, self.metrics, model=model, display_name=display_name, backend=backend)
+        self.exit_status = 0
+        self._uvicorn: Optional[_Uvicorn] = None
+        self._loads = 0
+
+    def _loaded(self, info: Loaded) -> None:
+        self.app.loaded(info)
+        self._loads += 1
+        url = _url(self.host, self.port)
+        if self._loads == 1:
+            say(f"serving '{self.app.model}' ({self.app.backend}), listening on {url} (OpenAI base URL {url}/v1)")
+        else:
+            say(f"the NPU worker was restarted (pid {info.pid}); serving again")
+
+    def _failed(self, message: str) -> None:
+        say(f"error: {message}")
+        self.exit_status = 1
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    def _signal(self) -> None:
+        say("shutting down: no new requests; the running answer may finish "
+            f"(at most {self.config.shutdown_grace_s:g} s)")
+        self.supervisor.begin_shutdown(self.config.shutdown_grace_s)
+
+    async def run(self) -> int:
+        protocol = type("Protocol", (Protocol,), {"head_timeout_s": self.config.read_timeout_s})
+        uv_config = uvicorn.Config(
+            self.app, http=protocol, lifespan="off", log_config=_log_config(self.config.quiet),
+            access_log=not self.config.quiet, timeout_keep_alive=5, server_header=False,
+            headers=[("server", "smolvlm-rk3588")],
+            timeout_graceful_shutdown=int(self.config.shutdown_grace_s + HANG_S + 5))
+        self._uvicorn = _Uvicorn(uv_config, self._signal)
+        self.supervisor.start()
+        try:
+            await self._uvicorn.serve(sockets=[self.sock])
+        finally:
+            await self.supervisor.stop()
+            self.sock.close()
+        return self.exit_status
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -442,27 +510,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=f"API key: --api-key or ${API_KEY_ENV} (preferred: it stays out of the process list). "
-        "Images: base64 data: URLs; local files only under --image-dir; remote URLs are never fetched.",
+        "Images: base64 data: URLs; local files only under --image-dir; remote URLs are never fetched. "
+        "SIGTERM / Ctrl-C stop gracefully (exit status 0).",
     )
     parser.add_argument("--bundle", required=True, metavar="DIR", help="the bundle folder made by host.convert")
     parser.add_argument("--emulate", action="store_true", help="x86 emulation (ONNX Runtime + PyTorch on the "
                         "bundle's host/ files)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 = every "
-                        "interface: set an API key)")
+                        "IPv4 interface, :: = every interface: set an API key)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port (8080; 0 = any free port, printed)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV})")
-    parser.add_argument("--model-name", metavar="ID", help="the model id clients use (default: the bundle's)")
-    parser.add_argument("--image-dir", metavar="DIR", help="allow image_url file:// URLs and paths inside DIR")
+    parser.add_argument("--model-name", metavar="ID", help="the model id clients use (default: the bundle's model "
+                        "name as a slug)")
+    parser.add_argument("--image-dir", metavar="DIR", help="allow image_url file:// URLs and paths inside DIR "
+                        "(regular files only)")
+    parser.add_argument("--control-tokens", choices=CONTROL_TOKEN_POLICIES, default="text",
+                        help="what special-token strings in request text become: 'text' (default) keeps them "
+                        "text, so a client cannot forge turns; 'special' tokenizes them as the model's control "
+                        "tokens, as transformers does")
     parser.add_argument("--max-body-mb", type=float, default=32, metavar="MB", help="request body limit (32)")
     parser.add_argument("--max-images", type=int, default=4, metavar="N", help="images per request (4)")
     parser.add_argument("--max-image-mp", type=float, default=50, metavar="MP",
                         help="pixels per image, in megapixels (50)")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests waiting for the NPU "
                         "before the server answers 503 (16)")
+    parser.add_argument("--max-request-s", type=float, default=120, metavar="S", help="longest time a request "
+                        "may hold the NPU: its answer ends there, finish_reason 'length' (120); also the "
+                        "longest a request body may take to arrive")
+    parser.add_argument("--read-timeout-s", type=float, default=10, metavar="S", help="a request's head must "
+                        "arrive within S seconds and its body may pause no longer (10); else 408")
+    parser.add_argument("--shutdown-grace-s", type=float, default=20, metavar="S", help="on SIGTERM, how long the "
+                        "running answer may go on before it is cut (20; keep it below systemd's TimeoutStopSec)")
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
                         help="answer length when the request gives no max_tokens (512)")
     parser.add_argument("--max-tiles", type=int, metavar="N", help="tile budget per image (default: the model's "
                         "full splitting; detail 'low' in a request means 1)")
+    parser.add_argument("--vision-cache-mb", type=float, default=256, metavar="MB",
+                        help="memory for the encodings of recently seen images (256)")
     parser.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel", help="vision NPU core mode")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     parser.add_argument("--quiet", action="store_true", help="no access log")
@@ -473,7 +557,8 @@ def config_from_args(args: argparse.Namespace, max_context: int) -> ServerConfig
     return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         model_name=args.model_name, max_body_bytes=int(args.max_body_mb * (1 << 20)), max_queue=args.max_queue,
-        default_sampling=SamplingParams(max_new_tokens=args.max_new_tokens), max_tiles=args.max_tiles,
+        max_request_s=args.max_request_s, read_timeout_s=args.read_timeout_s, shutdown_grace_s=args.shutdown_grace_s,
+        default_sampling=SamplingParams(max_new_tokens=args.max_new_tokens),
         limits=Limits(max_images=args.max_images, max_image_pixels=int(args.max_image_mp * 1e6),
                       max_image_bytes=int(args.max_body_mb * (1 << 20)), max_new_tokens=max_context,
                       image_dir=Path(args.image_dir).expanduser().resolve() if args.image_dir else None),
@@ -481,59 +566,61 @@ def config_from_args(args: argparse.Namespace, max_context: int) -> ServerConfig
     )
 
 
-def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # serve_forever() returns through the finally below
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("max_images", "max_queue", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_body_mb", "max_image_mp", "max_request_s", "read_timeout_s", "vision_cache_mb"):
+        if not 0 < getattr(args, name) < float("inf"):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number")
+    if not 0 <= args.shutdown_grace_s < float("inf"):
+        parser.error("--shutdown-grace-s must be 0 or more")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
     try:
         check_tile_budget(args.max_tiles)
     except InputError as err:
         parser.error(f"--max-tiles: {err}")
     if args.image_dir and not Path(args.image_dir).expanduser().is_dir():
         parser.error(f"--image-dir {args.image_dir} is not a folder")
+    if args.model_name is not None and (not args.model_name or model_slug(args.model_name) != args.model_name):
+        parser.error(f"--model-name must be one word of letters, digits and ._:/- (e.g. {model_slug(args.model_name)!r})")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.emulate:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from board.pipeline import Pipeline
+    from board.bundle import Bundle
 
-        pipeline = Pipeline(args.bundle, emulate=args.emulate, verify=not args.no_verify, npu_cores=args.npu_cores,
-                            max_tiles=args.max_tiles)
+    try:  # the manifest only (the worker verifies and loads the files): a bad bundle fails before listening
+        bundle = Bundle.open(args.bundle, verify=False, need_decoder=not args.emulate)
     except SmolVLMError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}")
         return 1
-    config = config_from_args(args, pipeline.max_context)
-    model = config.model_name or pipeline.bundle.model_id
-    worker = Worker(pipeline, max_queue=config.max_queue, max_tiles=config.max_tiles)
+    except Exception as err:  # noqa: BLE001 - a manifest this code did not foresee: still one line
+        say(f"error: cannot read the bundle {args.bundle}: {type(err).__name__}: {err}")
+        return 1
+    config = config_from_args(args, bundle.max_context)
+    spec = WorkerSpec(str(Path(args.bundle).expanduser().resolve()), emulate=args.emulate, verify=not args.no_verify,
+                      npu_cores=args.npu_cores, max_tiles=args.max_tiles, control_tokens=args.control_tokens,
+                      cache_bytes=int(args.vision_cache_mb * (1 << 20)))
     try:
-        server = Server(config, worker, model, [pipeline.bundle.model_id], "emulate" if args.emulate else "npu")
+        server = Server(config, spec, model=config.model_name or model_slug(bundle.model_id),
+                        display_name=bundle.model_id, backend="emulate" if args.emulate else "npu")
     except OSError as err:
-        worker.stop()
-        pipeline.close()
-        print(f"error: cannot listen on {config.host}:{config.port}: {err.strerror}", file=sys.stderr)
+        say(f"error: cannot listen on {config.host}:{config.port}: {err.strerror or err}")
         return 1
-    signal.signal(signal.SIGTERM, _stop)
-    host, port = server.server_address[:2]
-    print(f"serving '{model}' ({server.backend}), listening on http://{host}:{port} "
-          f"(OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr, flush=True)
-    if not config.api_key and host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"warning: listening on {host} without an API key: anyone on the network can use it "
-              f"(set ${API_KEY_ENV})", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr, flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the NPU release short
-        server.server_close()
-        worker.stop()
-        pipeline.close()
-    return 0
+    url = _url(server.host, server.port)
+    say(f"loading {bundle.model_id} from {args.bundle}; bound to {url} (/health answers 503 until the model is ready)")
+    if not config.api_key and server.host not in ("127.0.0.1", "::1", "localhost"):
+        say(f"warning: listening on {server.host} without an API key: anyone on the network can use it "
+            f"(set ${API_KEY_ENV})")
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn handles them while it runs and re-raises them after
+        signal.signal(sig, lambda signum, frame: None)
+    return asyncio.run(server.run())
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 #   bash scripts/board_setup.sh --dry-run            # print what it would do, change nothing
 #
 # Run it as your normal user from the folder scripts/deploy.sh copied (board/, scripts/, setup.cfg,
-# pyproject.toml). It installs from PyPI only: numpy, opencv-python-headless, pillow, tokenizers, tqdm and,
-# on aarch64, rknn-toolkit-lite2 2.5.0 (the "board" extra of setup.cfg); --tests adds pytest.
+# pyproject.toml). It installs from PyPI only: numpy, opencv-python-headless, pillow, tokenizers, tqdm, the
+# server's uvicorn, starlette and prometheus-client and, on aarch64, rknn-toolkit-lite2 2.5.0 (the
+# "board" extra of setup.cfg); --tests adds pytest.
 #
 # It never downloads Rockchip's binaries. The two runtime libraries come from Rockchip's GitHub
 # releases and are copied by you (the checks print exactly which file, from where, to where):

@@ -164,3 +164,98 @@ def json_answer(result: Any) -> dict:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
+
+class HTTPAnswer:
+    """A finished HTTP answer: status, headers (lower-case names), body and, when it is JSON, `json`."""
+
+    def __init__(self, status: int, headers: dict, body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+        try:
+            self.json = json.loads(body)
+        except ValueError:
+            self.json = None
+
+
+class ServerProcess:
+    """`python board/serve.py --bundle B --emulate --port 0 ARGS` as a subprocess, its stderr collected.
+
+    `wait_bound()` returns once the port is taken (before the model is loaded), `wait_ready()` once
+    the server says it is listening with the model loaded; `stop()` sends SIGTERM and returns the
+    exit status.
+    """
+
+    def __init__(self, bundle: Path, *args: str, env: dict | None = None):
+        import os
+        import subprocess
+        import threading
+
+        environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        environ.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "board" / "serve.py"), "--bundle", str(bundle),
+                                      "--emulate", "--port", "0", *args], stderr=subprocess.PIPE, text=True, env=environ)
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._bound, self._ready = threading.Event(), threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "bound to http://" in line:
+                self.url = line.split("bound to ")[1].split()[0].rstrip(",;")
+                self._bound.set()
+            if "listening on http://" in line:
+                self._ready.set()
+        self._bound.set()
+        self._ready.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_bound(self, timeout: float = 60) -> "ServerProcess":
+        if not self._bound.wait(timeout) or self.url is None:
+            self.proc.kill()
+            pytest.fail("the server did not bind its port:\n" + self.output())
+        return self
+
+    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
+        self.wait_bound()
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            self.proc.kill()
+            pytest.fail("the server did not load the model:\n" + self.output())
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.url is not None
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, *,
+                timeout: float = 60, read: bool = True) -> Any:
+        """One request on a new connection: an HTTPAnswer, or with read=False the open http.client response."""
+        import http.client
+
+        connection = http.client.HTTPConnection(*self.address, timeout=timeout)
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        if not read:
+            return response
+        answer = HTTPAnswer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        connection.close()
+        return answer
+
+    def health(self) -> Any:
+        return self.request("GET", "/health", timeout=10)
+
+    def stop(self, timeout: float = 90) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except Exception:
+            self.proc.kill()
+            raise
+

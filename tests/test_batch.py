@@ -32,6 +32,7 @@ from board.batch import BatchError, ImageItem, LocalRunner, Results, list_images
 from board.decoder import SamplingParams  # noqa: E402
 from board.errors import ImageError  # noqa: E402
 from board.image_io import load_image  # noqa: E402
+from board.openai_schemas import model_slug  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
 from support import ROOT, write_image  # noqa: E402
 
@@ -251,7 +252,7 @@ def test_server_mode_retries_busy_and_equals_local(busy_server, folder, expected
                          "--out", str(out), "--max-tiles", "1", "--max-new-tokens", str(MAX_NEW)])
     stderr = capsys.readouterr().err
     assert status == 0, stderr
-    check_complete(out, expected, pipeline.bundle.model_id)
+    check_complete(out, expected, model_slug(pipeline.bundle.model_id))  # the server names its model by the slug
     busy = int(stderr.split("retried ")[1].split(" busy")[0])
     assert busy >= 1, stderr  # four in flight, one running + one queued: the server said 503 and we retried
     assert all("request" in r["ms"] for r in lines(out) if r["error"] is None)

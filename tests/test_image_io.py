@@ -144,6 +144,41 @@ def test_missing_file_and_folder(tmp_path):
         load_image(tmp_path)
 
 
+def test_only_regular_files_are_read_and_reads_are_bounded(tmp_path):
+    """A FIFO would block the read until someone writes, /dev/zero would never end: both are refused
+    before a byte is read, by the one rule the CLI and the server share."""
+    import os
+    import threading
+
+    from board.errors import InputError
+    from board.image_io import read_regular_file, require_regular_file
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def read_fifo() -> None:
+        with pytest.raises(ImageError, match="is a FIFO"):
+            load_image(fifo)
+        done.set()
+
+    threading.Thread(target=read_fifo, daemon=True).start()
+    assert done.wait(5), "reading a FIFO blocked"
+    with pytest.raises(ImageError, match="/dev/zero is a character device"):
+        load_image("/dev/zero")
+    with pytest.raises(ImageError, match="is a FIFO"):
+        require_regular_file(fifo)
+    with pytest.raises(InputError, match="is a folder, not a regular video file"):
+        require_regular_file(tmp_path, "video")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * 1000)
+    with pytest.raises(ImageError, match="limit"):
+        read_regular_file(big, max_bytes=999)
+    assert read_regular_file(big, max_bytes=1000) == b"x" * 1000
+    with pytest.raises(ImageError, match="limit"):  # a data: URI too large is refused before it is decoded
+        load_image("data:image/png;base64," + "A" * 4000, max_bytes=1000)
+
+
 def test_limits_are_settable():
     data = CASES["png-rgb"]
     with pytest.raises(ImageError, match="limit"):

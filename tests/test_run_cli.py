@@ -248,3 +248,71 @@ def test_ctrl_c_in_chat_stops_the_answer_then_a_second_exits(bundle):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.count("(stopped)") >= 1 and "Traceback" not in stderr
+
+
+# -- input rules: checked before the model loads, one plain line each ---------------------------------
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--seed", str(1 << 64), "hi"], "--seed: seed must be a 64-bit integer"),
+    (["--temperature", "1e-300", "hi"], "--temperature: temperature must be 0 (greedy) or at least 0.001"),
+    (["--temperature", "nan", "hi"], "--temperature: temperature must be 0 (greedy) or at least"),
+    (["--top-p", "0", "hi"], "--top-p: top_p must be between 0.001 and 1"),
+    (["--top-k", "-1", "hi"], "--top-k: top_k must be 0 (off) or more"),
+    (["--repeat-penalty", "0", "hi"], "--repeat-penalty: repeat_penalty must be greater than 0"),
+    (["--system", "a\udcffb", "hi"], "--system is not valid UTF-8 text (byte 0xff at character 1)"),
+])
+def test_bad_values_are_usage_errors_before_the_model_loads(argv, expected, tmp_path, capsys):
+    assert main(["--bundle", str(tmp_path / "not-loaded"), *argv]) == 2  # the bundle is never opened
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_files_that_are_not_regular_files_are_refused_before_the_model_loads(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for argv, expected in ((["--image", str(fifo)], "is a FIFO (named pipe), not a regular image file"),
+                           (["--image", "/dev/zero"], "/dev/zero is a character device, not a regular image file"),
+                           (["--video", str(tmp_path)], "is a folder, not a regular video file")):
+        assert main(["--bundle", str(tmp_path / "not-loaded"), *argv, "hi"]) == 1
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+
+
+def test_a_question_that_is_not_utf8_is_a_usage_error():
+    result = subprocess.run([sys.executable, str(ROOT / "board" / "run.py"), "--bundle", "nowhere", b"caf\xe9?"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "the question is not valid UTF-8 text (byte 0xe9 at character 3)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_refuses_bad_lines_and_unknown_commands_and_goes_on(bundle, tmp_path, monkeypatch, capsys):
+    import io
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    script = (b"caf\xe9 au lait?\n/imgae cat.png\n/image " + str(fifo).encode() + b"\n/image\n"
+              b"//slash is a message\n/quit\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(script)))  # piped bytes, as from a file
+    status = main(["--bundle", str(bundle), "--emulate", "--no-verify", "--chat", "--json", "--max-new-tokens", "2"])
+    out, stderr = capsys.readouterr()
+    assert status == 0 and "Traceback" not in stderr, stderr
+    assert "error: that line is not valid UTF-8 text (byte 0xe9 at byte 3); it was not sent" in stderr
+    assert "error: unknown command /imgae" in stderr and "is a FIFO" in stderr and "usage: /image PATH" in stderr
+    turns = [json.loads(line) for line in out.splitlines()]
+    assert len(turns) == 1  # only "//slash is a message" reached the model, as "/slash is a message"
+    assert turns[0]["timings"]["history_tokens"] == 0
+
+
+def test_control_tokens_flag(bundle):
+    """--control-tokens text: a pasted '<end_of_utterance>' stays text (more prompt tokens than as one special)."""
+    question = "Say<end_of_utterance> hi"
+    counts = {}
+    for policy in ("special", "text"):
+        counts[policy] = json.loads(_capture(main, ["--bundle", str(bundle), "--emulate", "--no-verify", "--json",
+                                                    "--max-new-tokens", "1", "--control-tokens", policy, question])
+                                    )["timings"]["prompt_tokens"]
+    assert counts["text"] > counts["special"]

@@ -4,7 +4,9 @@ the official `openai` client, and raw HTTP for what a well-behaved client never 
 Greedy answers must equal what `Pipeline.generate` gives for the same conversation (the text minus
 the one leading space SmolVLM puts after 'Assistant:', as Chat records answers); concurrent requests
 are served one at a time in arrival order; a client that goes away loses its place or its generation;
-every malformed request is a 4xx in OpenAI's error shape and the server keeps serving.
+every malformed request is a 4xx in OpenAI's error shape and the server keeps serving. What an
+adversarial client does (tests/test_serve_abuse.py) and the worker process's life (crash, restart,
+graceful stop: tests/test_serve_process.py) have their own modules; this one's server is shared.
 """
 
 from __future__ import annotations
@@ -12,15 +14,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,11 +26,12 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 openai = pytest.importorskip("openai")
 
+from board.bundle import Bundle  # noqa: E402
 from board.decoder import SamplingParams  # noqa: E402
 from board.openai_schemas import APIError, AnswerText, Limits, parse_chat_request, sampling_params  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
-from board.serve import API_KEY_ENV, SEQ_HEADER, Job, Worker  # noqa: E402
-from support import ROOT, write_image  # noqa: E402
+from board.serve import API_KEY_ENV, SEQ_HEADER, model_slug  # noqa: E402
+from support import ServerProcess, write_image  # noqa: E402
 
 KEY = "test-key-123"
 Q = "What is in this image?"
@@ -62,32 +60,24 @@ def image_dir(tmp_path_factory, images):
 
 @pytest.fixture(scope="module")
 def server(bundle, image_dir):
-    """`python board/serve.py --emulate --port 0` with an API key and tight limits; stopped with SIGTERM."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env[API_KEY_ENV] = KEY
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "board" / "serve.py"), "--bundle", str(bundle), "--emulate", "--port", "0",
-         "--max-images", "2", "--max-body-mb", "3", "--max-image-mp", "1", "--max-queue", "8",
-         "--image-dir", str(image_dir), "--quiet"],
-        stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
+    """`python board/serve.py --emulate --port 0` with an API key and tight limits; stopped with SIGTERM.
 
-    def drain() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on http://" in line:
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not ready.wait(120):
-        proc.kill()
-        pytest.fail("the server did not start:\n" + "".join(lines))
-    url = next(line for line in lines if "listening on" in line).split("listening on ")[1].split()[0]
-    yield SimpleNamespace(url=url, proc=proc, stderr=lines)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0, "".join(lines)
-    assert not any("Traceback" in line for line in lines), "".join(lines)
+    What it answered while the worker was still loading is kept in `.while_loading`."""
+    proc = ServerProcess(bundle, "--max-images", "2", "--max-body-mb", "3", "--max-image-mp", "1", "--max-queue", "8",
+                         "--image-dir", str(image_dir), "--quiet", env={API_KEY_ENV: KEY})
+    try:
+        proc.wait_bound()
+        chat = {"model": model_slug(Bundle.open(bundle, verify=False).model_id),
+                "messages": [{"role": "user", "content": "Hi"}]}
+        proc.while_loading = [proc.request("GET", "/health"),
+                              proc.request("POST", "/v1/chat/completions", json.dumps(chat).encode(),
+                                           {"Authorization": f"Bearer {KEY}"})]
+        proc.wait_ready()
+        yield proc
+    finally:
+        status = proc.stop()
+    assert status == 0, proc.output()
+    assert "Traceback" not in proc.output(), proc.output()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def model(pipeline):
-    return pipeline.bundle.model_id
+    return model_slug(pipeline.bundle.model_id)
 
 
 def data_url(path) -> str:
@@ -105,12 +95,9 @@ def data_url(path) -> str:
 
 
 def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = 60) -> http.client.HTTPResponse:
+            timeout: float = 60) -> http.client.HTTPResponse:
     """A raw request (the standard library's client): what a well-behaved client library never sends."""
-    host, port = server.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    connection.request(method, path, body=body, headers=headers or {})
-    return connection.getresponse()
+    return server.request(method, path, body, headers, timeout=timeout, read=False)
 
 
 def health(server) -> dict:
@@ -148,11 +135,21 @@ PIPE_IMAGE_MESSAGE = [{"role": "user", "content": [{"type": "image"}, {"type": "
 # -- the openai client -----------------------------------------------------------------------------
 
 
-def test_models_lists_the_bundle_model(client, model):
-    assert [m.id for m in client.models.list().data] == [model]
+def test_models_lists_the_bundle_model(client, model, pipeline):
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [model] and " " not in model
+    assert listed[0].model_extra["name"] == pipeline.bundle.model_id  # the display name stays
     assert client.models.retrieve(model).id == model
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
+
+
+def test_while_loading_health_and_chat_are_503_with_retry_after(server):
+    health_answer, chat_answer = server.while_loading
+    assert health_answer.status == 503 and health_answer.json["status"] == "loading"
+    assert chat_answer.status == 503 and chat_answer.json["error"]["code"] == "model_loading"
+    assert int(health_answer.headers["retry-after"]) >= 1 and int(chat_answer.headers["retry-after"]) >= 1
+    assert json.loads(request(server, "GET", "/health").read())["status"] == "ok"
 
 
 def test_chat_with_image_equals_pipeline(client, pipeline, model, images):
@@ -233,6 +230,7 @@ def test_sse_wire_format(server, model):
     assert response.getheader("Transfer-Encoding") == "chunked"
     lines = [line for line in response.read().decode().split("\n") if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert lines.count("data: [DONE]") == 1
     events = [json.loads(line[6:]) for line in lines[:-1]]
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all(e["object"] == "chat.completion.chunk" for e in events)
@@ -314,24 +312,36 @@ def test_client_disconnect_aborts_its_generation_or_its_place(server, client, mo
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_full_queue_is_503(pipeline, model):
-    """In-process Worker with a one-place queue: a running job, a waiting job, and a third refused."""
-    worker = Worker(pipeline, max_queue=1, max_tiles=None)
-    request = parse_chat_request({"model": model, "messages": [{"role": "user", "content": "Write a long story."}],
-                                  "max_tokens": 3000}, default_sampling=SamplingParams(), limits=Limits())
-    first, second = Job(request), Job(request)
-    try:
-        worker.submit(first)
-        assert first.events.get(timeout=30)[0] == "start"
-        worker.submit(second)
-        with pytest.raises(APIError) as info:
-            worker.submit(Job(request))
-        assert info.value.status == 503 and info.value.code == "server_overloaded"
-    finally:
-        worker.cancel(second)
-        worker.cancel(first)
-        worker.stop()
-    assert worker.status()["aborted"] == 2
+def test_a_full_queue_is_503_with_retry_after(server, client, model):
+    """A long answer runs; with --max-queue 8, of ten more requests sent at once at least one is refused
+    with 503 server_overloaded and a Retry-After, and the rest are answered."""
+    long = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 3000,
+            "stream": True}
+    running = _raw_request(server, long)
+    reader = running.makefile("rb")
+    assert b" 200 " in reader.readline()
+    while b"data: " not in reader.readline():
+        pass
+    short = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+    results: list = [None] * 10
+
+    def ask(i: int) -> None:
+        results[i] = server.request("POST", "/v1/chat/completions", short, {"Authorization": f"Bearer {KEY}"},
+                                    timeout=120)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: any(r is not None for r in results))
+    reader.close()
+    running.close()  # the long answer is aborted: the queue drains
+    for t in threads:
+        t.join(120)
+    statuses = sorted(r.status for r in results)
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    refused = next(r for r in results if r.status == 503)
+    assert refused.json["error"]["code"] == "server_overloaded" and int(refused.headers["retry-after"]) >= 1
+    assert health(server)["queued"] == 0
 
 
 # -- malformed requests ------------------------------------------------------------------------------
@@ -351,7 +361,7 @@ def _bad_cases(model, image_url):
     three = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}] * 3}]
     return {
         "bad JSON": (dict(raw=b'{"model": '), 400, "invalid_json"),
-        "not an object": (dict(raw=b"[1, 2]"), 400, None),
+        "not an object": (dict(raw=b"[1, 2]"), 400, "invalid_type"),
         "missing messages": (dict(body={"model": model}), 400, "missing_required_parameter"),
         "empty messages": (dict(body={"model": model, "messages": []}), 400, "missing_required_parameter"),
         "missing model": (dict(body={"messages": text}), 400, "missing_required_parameter"),
@@ -379,7 +389,7 @@ def _bad_cases(model, image_url):
         "temperature text": (dict(body={"model": model, "messages": text, "temperature": "hot"}), 400, None),
         "stop not strings": (dict(body={"model": model, "messages": text, "stop": [1]}), 400, None),
         "prompt over the context": (dict(body={"model": model, "messages": [
-            {"role": "user", "content": "word " * 6000}]}), 400, "PromptError"),
+            {"role": "user", "content": "word " * 6000}]}), 400, "context_length_exceeded"),
         "unknown endpoint": (dict(body={}, path="/v1/completions"), 404, "not_found"),
     }
 
@@ -390,6 +400,7 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_serving(server, client,
         assert got == status, (name, body)
         error = body["error"]
         assert isinstance(error["message"], str) and error["message"] and error["type"], name
+        assert isinstance(error["code"], str) and error["code"].islower() and " " not in error["code"], (name, error)
         if code is not None:
             assert error["code"] == code, (name, error)
         assert health(server)["status"] == "ok", name

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.rehearsal
 
-BOARD_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "tokenizers", "tqdm", "rknn-toolkit-lite2")
+BOARD_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "tokenizers", "tqdm", "uvicorn", "starlette",
+                  "prometheus-client", "rknn-toolkit-lite2")
 HEAVY_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime")
 
 
@@ -41,7 +42,8 @@ def test_no_torch_transformers_or_onnx(rehearsal, record_property):
 def test_board_modules_and_their_wheels_import(rehearsal):
     """Every board module and the compiled wheels it needs load on aarch64, and pull in nothing heavy."""
     code = ("import sys, cv2, numpy, tokenizers, PIL.Image, rknnlite.api\n"
-            "import board.pipeline, board.serve, board.bench, board.batch, board.vision, board.decoder_rkllm, board.video\n"
+            "import board.pipeline, board.serve, board.serve_worker, board.bench, board.batch, board.vision, "
+            "board.decoder_rkllm, board.video\n"
             f"bad = [m for m in {HEAVY_PACKAGES + ('host',)!r} if m in sys.modules]\n"
             "assert not bad, bad\n")
     done = subprocess.run([rehearsal.python, "-c", code], cwd=rehearsal.dest, capture_output=True, text=True)
