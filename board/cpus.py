@@ -28,6 +28,9 @@ DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
 RK3588_BIG_CORES = (4, 5, 6, 7)
 # What says how fast a core is, best first.
 _SPEED_FILES = ("cpu_capacity", "cpufreq/cpuinfo_max_freq")
+# A core this close to the fastest one is big too: an RK3588's two A76 clusters may be binned at
+# 2.256 and 2.4 GHz, while its A55s reach 1.8 GHz (0.75) and a capacity of about half.
+_BIG_SHARE = 0.85
 _MAX_THREADS = 8
 
 T = TypeVar("T")
@@ -52,14 +55,15 @@ def _is_rk3588(device_tree: Path) -> bool:
 
 
 def big_cores(cpu_root: Path = CPU_ROOT, device_tree: Path = DEVICE_TREE_COMPATIBLE) -> Optional[tuple[int, ...]]:
-    """The cores of the fastest cluster when the kernel shows that the cores differ; RK3588_BIG_CORES
-    on an RK3588 whose kernel does not say; None where every core is alike (or nothing says)."""
+    """The big cores (within _BIG_SHARE of the fastest) when the kernel shows that the cores differ;
+    RK3588_BIG_CORES on an RK3588 whose kernel does not say; None where every core is alike (or
+    nothing says)."""
     cpus = sorted(int(m.group(1)) for p in cpu_root.glob("cpu*") if (m := re.fullmatch(r"cpu(\d+)", p.name)))
     for name in _SPEED_FILES:
         speed = {cpu: _read_int(cpu_root / f"cpu{cpu}" / name) for cpu in cpus}
         known = [v for v in speed.values() if v is not None]
-        if len(known) == len(cpus) > 0 and min(known) < max(known):
-            return tuple(cpu for cpu in cpus if speed[cpu] == max(known))
+        if len(known) == len(cpus) > 0 and min(known) < _BIG_SHARE * max(known):
+            return tuple(cpu for cpu in cpus if speed[cpu] >= _BIG_SHARE * max(known))
     return RK3588_BIG_CORES if _is_rk3588(device_tree) else None
 
 

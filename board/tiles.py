@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .cpus import submit
+from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
 from .image_io import load_image, probe
 from .resample import chain, region, resize, supported
@@ -284,9 +284,10 @@ def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact
 
     `rgb` is the decoded image: plan.source, or smaller when the JPEG decoder reduced it
     (decode_for_tiles). Each grid tile is resampled on its own, from the part of the image it depends
-    on (board.resample), on the front-end threads; all are queued at once and finish about in order
-    while the caller hands the first ones to the NPU. The global view is the grid's padded image
-    resized to one tile, once the grid is done. Float32 resampling unless `exact` (module docstring).
+    on (board.resample), on the front-end threads: the first split over all of them, so the NPU can
+    start early, the others one per thread; all are queued at once and finish about in order while the
+    caller hands the first ones to the NPU. The global view is the grid's padded image resized to one
+    tile, once the grid is done. Float32 resampling unless `exact` (module docstring).
     """
     T, filt = plan.tile, settings.resample
     if not settings.do_image_splitting:
@@ -299,18 +300,23 @@ def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact
         steps, source = chain(rgb.shape[:2], [plan.resized, plan.padded], filt, exact=exact), rgb
     else:  # Pillow itself, on whole images
         steps, source = [], resize(resize(rgb, plan.resized, filt), plan.padded, filt)
-    jobs = [submit(region, steps, source, (r * T, r * T + T), (c * T, c * T + T))
+    # the first tile in row bands, one per thread: it is the one the NPU waits for
+    bands = [round(T * i / frontend_threads()) for i in range(frontend_threads() + 1)]
+    jobs = [[submit(region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T))
+             for a, b in (zip(bands[:-1], bands[1:]) if r == c == 0 else [(0, T)])]
             for r in range(plan.rows) for c in range(plan.cols)]
     padded = np.empty((*plan.padded, 3), np.uint8)
     try:
-        for i, job in enumerate(jobs):
-            tile = job.result()
+        for i, parts in enumerate(jobs):
             r, c = divmod(i, plan.cols)
-            padded[r * T:r * T + T, c * T:c * T + T] = tile
-            yield tile
+            tile = padded[r * T:r * T + T, c * T:c * T + T]
+            for (a, b), job in zip(zip(bands[:-1], bands[1:]) if len(parts) > 1 else [(0, T)], parts):
+                tile[a:b] = job.result()
+            yield np.ascontiguousarray(tile)
     finally:
-        for job in jobs:  # the caller stopped early: drop what has not started
-            job.cancel()
+        for parts in jobs:  # the caller stopped early: drop what has not started
+            for job in parts:
+                job.cancel()
     yield resize(padded, (T, T), filt, exact=exact)
 
 

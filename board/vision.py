@@ -9,8 +9,9 @@ One small interface, `VisionEncoder.encode(tiles)`: uint8 NHWC RGB tiles [n, T, 
   the three NPU cores at once: `cores="parallel"` opens one runtime per core and runs the tiles on
   three worker threads (rknnlite's inference is reported to release the GIL while the NPU works:
   three contexts on an RK3588 ran 2.5x faster from three threads, suharvest/rkvoice-stream#5; so the
-  front end runs meanwhile. Not measured here without a board); `"single"` (core 0) and `"all"` (one runtime on NPU_CORE_0_1_2, which
-  splits each layer over the cores) are there so the fastest can be measured on a board.
+  front end runs meanwhile; not measured here without a board); `"single"` (core 0) and `"all"`
+  (one runtime on NPU_CORE_0_1_2, which splits each layer over the cores) are there so the fastest
+  can be measured on a board.
 - `OnnxVisionEncoder` (x86 emulation): `host/vision.onnx` on ONNX Runtime, fed what the RKNN model
   computes from the same uint8 tile (for `conv`, the normalization the RKNN build bakes in).
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Time the board front end against transformers' processor on the same images, and check parity.
 
-Per image: ours = board.image_io.load_image + board.tiles.split_image + board.prompt.build_prompt;
-reference = PIL open + ImageOps.exif_transpose + apply_chat_template + the Idefics3 processor (what
-a transformers user runs). Both are timed from the encoded file (decode included, the figure a user
-feels) and from already-decoded pixels (the splitting and prompt work alone); median of --repeats.
+Per image: ours = what the pipeline runs (board.tiles.decode_for_tiles + cut_tiles, on the
+front-end threads, + board.prompt.build_prompt); reference = PIL open + ImageOps.exif_transpose +
+apply_chat_template + the Idefics3 processor (what a transformers user runs). Both are timed from the
+encoded file (decode included, the figure a user feels) and from already-decoded pixels
+(board.tiles.split_image: the splitting and prompt work alone); median of --repeats.
 
-Prints one JSON object. Without --images it generates its own cases (a 4032x3024 photo among them);
-with --images DIR it uses every image in DIR. The tokenizer and settings come from --model (a
-checkpoint folder or Hub id) or, by default, a tiny offline checkpoint with the family's real settings.
+Prints one JSON object. Without --images it generates its own varied corpus (camera photos, a
+rotated phone photo, documents, extreme aspect ratios, 16-bit, palette and RGBA PNGs); with --images
+DIR it uses every image in DIR. The tokenizer and settings come from --model (a checkpoint folder or
+Hub id) or, by default, a tiny offline checkpoint with the family's real settings. The machine's load
+average is recorded: on a busy machine both sides slow down, ours (threads on every big core) more.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from board.cpus import frontend_cpus, submit  # noqa: E402
 from board.image_io import load_image  # noqa: E402
 from board.prompt import build_prompt  # noqa: E402
-from board.tiles import SplitSettings, split_image  # noqa: E402
+from board.tiles import SplitSettings, TiledImage, cut_tiles, decode_for_tiles, split_image  # noqa: E402
 
 QUESTION = "Describe this image in detail."
 
@@ -54,20 +58,30 @@ def generated_cases(out_dir: Path) -> list[Path]:
                         (20, 20, 20), 2, cv2.LINE_AA)
         return p
 
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF orientation: stored sideways, shown upright (as phones write portraits)
     specs = [
         ("photo-4032x3024.jpg", photo(3024, 4032), "JPEG", {"quality": 90}),
+        ("portrait-exif6-3024x4032.jpg", photo(3024, 4032), "JPEG", {"quality": 90, "exif": rotated.tobytes()}),
         ("photo-1920x1080.jpg", photo(1080, 1920), "JPEG", {"quality": 90}),
         ("photo-640x480.jpg", photo(480, 640), "JPEG", {"quality": 90}),
         ("document-1700x2200.png", page(2200, 1700), "PNG", {}),
+        ("receipt-500x3600.png", page(3600, 500), "PNG", {}),
         ("panorama-4000x300.webp", photo(300, 4000), "WEBP", {"quality": 85}),
+        ("chart-palette-1200x800.png", Image.fromarray(photo(800, 1200)).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                                                colors=64), "PNG", {}),
         ("logo-rgba-800x600.png", np.dstack([photo(600, 800), rng.integers(0, 256, (600, 800), dtype=np.uint8)]), "PNG", {}),
     ]
     paths = []
     for name, pixels, fmt, kw in specs:
         path = out_dir / name
-        Image.fromarray(pixels).save(path, fmt, **kw)
+        (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(path, fmt, **kw)
         paths.append(path)
-    return paths
+    wide = photo(1200, 1600).astype(np.uint16) * 257  # 16 bits per sample, the low byte not just zero
+    wide += rng.integers(0, 256, wide.shape, dtype=np.uint16)
+    path = out_dir / "photo-16bit-1600x1200.png"
+    cv2.imwrite(str(path), np.ascontiguousarray(wide[:, :, ::-1]))
+    return paths + [path]
 
 
 def median_time(fn, repeats: int) -> float:
@@ -111,11 +125,13 @@ def main(argv=None) -> int:
         paths = generated_cases(work)
 
     rows, ratios, ratios_decoded = [], [], []
+    load_before = os.getloadavg()[0]
     for path in paths:
         data = path.read_bytes()
 
         def ours_from_file():
-            tiled = split_image(load_image(data), settings)
+            rgb, plan, chosen = submit(decode_for_tiles, data, settings).result()
+            tiled = TiledImage(np.stack(list(cut_tiles(rgb, plan, chosen))), plan, chosen)
             return tiled, build_prompt(messages, [tiled.plan], fmt, tokenizer, image_id)
 
         def ref_from_file():
@@ -166,6 +182,8 @@ def main(argv=None) -> int:
         "cases": len(rows),
         "model": ck.model_id if args.model else f"tiny offline {args.family} checkpoint (real splitting settings)",
         "cpu_threads": os.cpu_count(),
+        "frontend_cpus": list(frontend_cpus()[0]),
+        "load_average": [round(v, 2) for v in (load_before, os.getloadavg()[0])],  # before, after
         "input_ids_identical": all(r["input_ids_identical"] for r in rows),
         "tile_grid_identical": all(r["tile_grid_identical"] for r in rows),
         "tile_mean_abs_diff_max": max(r["tile_mean_abs_diff"] for r in rows) if diffs_ok else None,
