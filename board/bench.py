@@ -493,6 +493,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < 1:
         parser.error("--runs and --new-tokens must be at least 1, --warmup at least 0")
+    if args.simulate_npu_ms is not None and (not args.emulate or args.simulate_npu_ms <= 0):
+        parser.error("--simulate-npu-ms needs --emulate (it replaces the emulation's vision backend) and a positive "
+                     "time per tile")
     if args.emulate:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     log = (lambda line: None) if args.quiet else (lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
