@@ -16,7 +16,7 @@ Resampling parity: the reference resamples with Pillow, whose Lanczos widens the
 shrinks and works in fixed point; OpenCV's does not (mean error 0.05 on the [-1, 1] scale; its AREA,
 LANCZOS4 and CUBIC all break the tolerance). board.resample reimplements Pillow's coefficients as
 banded matrix products: `resize` is bit-identical to Pillow; the tiles use its float32 form (within
-2 levels of Pillow, about twice as fast) and are computed tile by tile on the big cores, so the NPU
+2 levels of Pillow, faster) and are computed tile by tile on the big cores, so the NPU
 can start on the first tiles while the others are cut (`cut_tiles`).
 """
 
