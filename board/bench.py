@@ -16,20 +16,34 @@ The workload is fixed so that runs, boards and versions can be compared (overrid
    0, parallel = one runtime per core, all = one runtime over the three cores), opened one at a time
    after the pipeline is closed, so peak RSS (read during 1-2) is the serving process's.
 
+`frontend_alone_ms` is the workload image's decode + split on their own (no vision), for the share of
+`image_encode_ms` the front end would cost if nothing overlapped it: the pipeline hands every tile
+to the NPU as soon as it is cut (board.pipeline), so `image_encode_ms` is less than their sum.
+
 Every figure is the median, min and max over --runs runs (after --warmup unmeasured runs). A
 decoder may stop before --new-tokens on its end-of-turn token: `decode_tokens` says how many it
 made. "backend" is "npu" on the board and "emulate" with --emulate (ONNX Runtime + PyTorch on the
 bundle's host/ files): emulation numbers describe the x86 machine, never the board.
+
+`--emulate --simulate-npu-ms MS` replaces the vision backend by a scheduling model of the NPU
+(SimulatedNPU: three cores, MS per tile each; the rows are still the emulation's) to measure how much
+of the front end hides behind the NPU off the board. The JSON's `simulated_npu` section has
+`npu_alone_ms` (the model on ready-cut tiles) and `hidden_fraction` = (npu_alone_ms + frontend_alone_ms
+- image_encode_ms) / frontend_alone_ms, from the medians. A scheduling model, not a board figure: the
+real per-tile time, the NPU's memory traffic and rknnlite's CPU work are not in it, and the x86 CPU
+stands in for the A76 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -45,7 +59,7 @@ from board import __version__  # noqa: E402
 from board import bundle_schema as S  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.system_checks import SystemPaths, package_version, parse_version, read_npu_driver_version  # noqa: E402
-from board.vision import NPU_CORE_MODES  # noqa: E402
+from board.vision import NPU_CORE_MODES, VisionEncoder  # noqa: E402
 
 SCHEMA = "smolvlm-rk3588-bench/1"
 # Per-stage latency budgets for known models (Rockchip's figures + headroom), shipped with the package.
@@ -57,8 +71,12 @@ TEXT_TOKENS = 128
 EMULATION_WARNING = ("x86 emulation (ONNX Runtime + PyTorch on the bundle's host/ files): these numbers measure "
                      "this computer, not an RK3588 NPU")
 # The figures of `results`, each {"median", "min", "max"}; vision_ms_per_tile has one per NPU core mode.
-RESULT_KEYS = ("vision_ms_per_tile", "image_encode_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s",
-               "text128_prefill_ms", "text128_decode_tok_s", "peak_rss_mb")
+RESULT_KEYS = ("vision_ms_per_tile", "image_encode_ms", "frontend_alone_ms", "ttft_ms", "prefill_tok_s",
+               "decode_tok_s", "text128_prefill_ms", "text128_decode_tok_s", "peak_rss_mb")
+# NPU cores an image request's tiles run on at once, per core mode
+NPU_CORES_USED = {"parallel": 3, "single": 1, "all": 3}
+SIMULATION_NOTE = ("a scheduling model of the NPU (MS per tile on each of 3 cores, rows from the emulation): it "
+                   "measures how the front end overlaps the NPU, not how fast a board is")
 COUNT_KEYS = ("prompt_tokens", "decode_tokens", "text128_decode_tokens")
 
 # Read-only clock state recorded with the results (scripts/board_clocks.sh pins them).
@@ -66,20 +84,66 @@ _CPU_POLICIES = "devices/system/cpu/cpufreq"
 _DEVFREQ = "class/devfreq"
 
 
-def synthetic_image(side: int = DEFAULT_IMAGE_SIDE, seed: int = 0) -> bytes:
-    """The default workload image as PNG bytes: deterministic, photo-like, different in every tile."""
+def synthetic_image(side: int = DEFAULT_IMAGE_SIDE, seed: int = 0, *, size: Optional[tuple[int, int]] = None,
+                    jpeg: bool = False) -> bytes:
+    """The default workload image as PNG bytes: deterministic, photo-like, different in every tile;
+    `size` (width, height) and `jpeg` (quality 90, as a camera writes) for a photo of another size."""
     import cv2
 
+    width, height = size or (side, side)
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     rgb = np.stack([128 + 90 * np.sin(x / 37 + y / 97), 128 + 90 * np.cos(y / 29 - x / 300),
                     128 + 70 * np.sin((x - y) / 17)], -1)
     rgb += rng.integers(-24, 25, rgb.shape, dtype=np.int16)
     bgr = np.ascontiguousarray(np.clip(rgb, 0, 255).astype(np.uint8)[:, :, ::-1])
-    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if jpeg else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, encoded = cv2.imencode(".jpg" if jpeg else ".png", bgr, params)
     if not ok:
-        raise SmolVLMError("OpenCV could not encode the synthetic PNG")
-    return png.tobytes()
+        raise SmolVLMError("OpenCV could not encode the synthetic image")
+    return encoded.tobytes()
+
+
+class SimulatedNPU(VisionEncoder):
+    """A scheduling model of the RK3588's NPU for measuring the pipeline's overlap off the board.
+
+    `cores` workers (3, like the `parallel` mode), each taking `ms_per_tile` per tile, sleeping: like
+    the NPU, they leave the CPU to the front end. The rows are the wrapped encoder's (the ONNX
+    emulation), so the pipeline completes; they are computed once per distinct tile (by content), so
+    after a warm-up run the simulated cores cost no CPU; a tile whose rows took longer than
+    `ms_per_tile` is counted in `overruns`.
+    """
+
+    backend = "simulated-npu"
+
+    def __init__(self, inner: VisionEncoder, ms_per_tile: float, cores: int = 3):
+        super().__init__(tile=inner.tile, tokens_per_tile=inner.tokens_per_tile, hidden_size=inner.hidden_size,
+                         feed=inner.feed, workers=cores)
+        self.inner, self.ms_per_tile, self.cores = inner, ms_per_tile, f"{cores} simulated"
+        self.overruns = 0
+        self._rows: dict[bytes, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def encode_one(self, tile: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        key = hashlib.sha1(tile.tobytes()).digest()
+        with self._lock:
+            rows = self._rows.get(key)
+        if rows is None:
+            rows = self.inner.encode_one(tile)
+            with self._lock:
+                self._rows[key] = rows
+        left = self.ms_per_tile / 1e3 - (time.perf_counter() - start)
+        if left > 0:
+            time.sleep(left)
+        else:
+            with self._lock:
+                self.overruns += 1
+        return rows
+
+    def close(self) -> None:
+        super().close()
+        self.inner.close()
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -206,42 +270,78 @@ def text_ids(pipeline: Any, n: int = TEXT_TOKENS) -> np.ndarray:
     return np.asarray(ids[:n], dtype=np.int64)
 
 
+def frontend_alone(image_bytes: bytes, settings: Any) -> tuple[float, np.ndarray, list[int]]:
+    """Decode + split of one image with nothing else running, as the pipeline does them: (ms, tiles, size)."""
+    from board.cpus import submit
+    from board.tiles import cut_tiles, decode_for_tiles
+
+    start = time.perf_counter()
+    rgb, plan, chosen = submit(decode_for_tiles, image_bytes, settings, None).result()
+    tiles = np.stack(list(cut_tiles(rgb, plan, chosen)))
+    return (time.perf_counter() - start) * 1e3, tiles, list(plan.source)
+
+
 def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, warmup: int = 1,
-              image: Optional[str | Path] = None, prompt: str = DEFAULT_PROMPT, new_tokens: int = DEFAULT_NEW_TOKENS,
-              npu_cores: str = "parallel", verify: bool = True,
+              image: Optional[str | Path] = None, photo: Optional[tuple[int, int]] = None,
+              prompt: str = DEFAULT_PROMPT, new_tokens: int = DEFAULT_NEW_TOKENS,
+              npu_cores: str = "parallel", simulate_npu_ms: Optional[float] = None, verify: bool = True,
               log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run the workload (module docstring) and return the bench JSON object."""
+    from board.bundle import Bundle
     from board.decoder import GenerationResult, SamplingParams
-    from board.image_io import load_image, read_bytes
+    from board.image_io import read_bytes
     from board.pipeline import Pipeline, open_vision_encoder, peak_rss_mb
     from board.sequence import embed_tokens
-    from board.tiles import split_image
 
     if runs < 1 or warmup < 0 or new_tokens < 1:
         raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
-    image_bytes = read_bytes(image) if image else synthetic_image()
+    if simulate_npu_ms is not None and (not emulate or simulate_npu_ms <= 0):
+        raise InputError("--simulate-npu-ms needs --emulate and a positive time per tile")
+    if image and photo:
+        raise InputError("give --image or --photo, not both")
+    if image:
+        image_bytes = read_bytes(image)
+    else:
+        image_bytes = synthetic_image(size=photo, jpeg=True) if photo else synthetic_image()
     greedy = SamplingParams(max_new_tokens=new_tokens)
     figures: dict[str, list[float]] = {k: [] for k in RESULT_KEYS if k != "vision_ms_per_tile"}
     counts: dict[str, list[float]] = {k: [] for k in COUNT_KEYS}
+    npu_alone: list[float] = []
 
     log(f"loading {bundle_dir} ({'emulation' if emulate else 'npu'})")
-    with Pipeline(bundle_dir, emulate=emulate, verify=verify, npu_cores=npu_cores, sampling=greedy) as pipeline:
+    simulated: Optional[SimulatedNPU] = None
+    source: Any = bundle_dir
+    if simulate_npu_ms is not None:
+        source = Bundle.open(bundle_dir, verify=verify, need_decoder=False)
+        simulated = SimulatedNPU(open_vision_encoder(source, emulate=True, verify=verify), simulate_npu_ms)
+    with Pipeline(source, emulate=emulate, verify=verify, npu_cores=npu_cores, sampling=greedy,
+                  vision=simulated) as pipeline:
         bundle, described = pipeline.bundle, pipeline.describe()
         ids = text_ids(pipeline)
         rows = embed_tokens(pipeline.table, ids)
         tiles_per_image: list[int] = []
         for i in range(warmup + runs):
             measured = i >= warmup
+            if simulated is not None and i == warmup:
+                simulated.overruns = 0  # the warm-up computes the emulation's rows; count the measured runs only
             log(f"{'run' if measured else 'warm-up'} {i - warmup + 1 if measured else i + 1}: image request")
             pipeline.cache.clear()
             answer = pipeline.ask(prompt, [image_bytes], sampling=greedy).collect()
             t = answer.timings
+            log("  front end alone")
+            alone_ms, tiles, image_shape = frontend_alone(image_bytes, pipeline.settings)
+            if simulated is not None:
+                log("  simulated NPU alone")
+                start = time.perf_counter()
+                simulated.encode(tiles)
+                npu_alone.append((time.perf_counter() - start) * 1e3)
             log(f"  text-{len(ids)} request")
             text = GenerationResult.collect(pipeline.decoder.generate(rows, sampling=greedy, keep_history=False))
             if not measured:
                 continue
             tiles_per_image = answer.tiles_per_image
-            figures["image_encode_ms"].append(t.image_decode_ms + t.tiles_ms + t.vision_ms)
+            figures["image_encode_ms"].append(t.image_encode_ms)
+            figures["frontend_alone_ms"].append(alone_ms)
             figures["ttft_ms"].append(t.ttft_ms)
             figures["prefill_tok_s"].append(t.prefill_tok_s)
             figures["decode_tok_s"].append(t.decode_tok_s)
@@ -251,8 +351,7 @@ def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, w
             counts["prompt_tokens"].append(t.prompt_tokens)
             counts["decode_tokens"].append(len(answer.token_ids))
             counts["text128_decode_tokens"].append(len(text.token_ids))
-        rgb = load_image(image_bytes)
-        tiles, image_shape = split_image(rgb, pipeline.settings).tiles, list(rgb.shape[:2])
+        overruns = simulated.overruns if simulated is not None else 0
 
     per_mode: dict[str, dict[str, float]] = {}
     for mode in NPU_CORE_MODES:
@@ -280,14 +379,27 @@ def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, w
         "versions": versions(bundle, emulate),
         "system": system_info(),
         "workload": {
-            "image": str(image) if image else f"synthetic {DEFAULT_IMAGE_SIDE}x{DEFAULT_IMAGE_SIDE} PNG (seed 0)",
+            "image": str(image) if image else (f"synthetic {photo[0]}x{photo[1]} JPEG (seed 0)" if photo else
+                                               f"synthetic {DEFAULT_IMAGE_SIDE}x{DEFAULT_IMAGE_SIDE} PNG (seed 0)"),
             "image_size": image_shape, "tiles": int(sum(tiles_per_image)), "prompt": prompt,
             "text_tokens": len(ids), "new_tokens": new_tokens, "sampling": "greedy", "npu_cores": npu_cores,
+            "npu_cores_used": simulated.workers if simulated else (None if emulate else NPU_CORES_USED[npu_cores]),
             "runs": runs, "warmup": warmup,
         },
         "results": {"vision_ms_per_tile": per_mode, **{k: summarize(v) for k, v in figures.items()}},
         "counts": {k: summarize(v) for k, v in counts.items()},
+        "simulated_npu": None,
     }
+    if simulated is not None:
+        encode, alone = statistics.median(figures["image_encode_ms"]), statistics.median(figures["frontend_alone_ms"])
+        npu = statistics.median(npu_alone[warmup:])
+        result["simulated_npu"] = {
+            "note": SIMULATION_NOTE, "ms_per_tile": simulate_npu_ms, "cores": simulated.workers,
+            "npu_alone_ms": summarize(npu_alone[warmup:]),
+            "hidden_fraction": round((npu + alone - encode) / alone, 3),
+            "target_met": encode <= npu + alone / 2,  # at least half of the front end hidden
+            "overruns": overruns,
+        }
     return result
 
 
@@ -322,8 +434,25 @@ def render_text(result: dict[str, Any]) -> str:
         for mode, s in entries:
             name = f"{key} ({mode})" if mode else key
             lines.append(f"  {name:<32} {s['median']:>10.2f}  [{s['min']:.2f}..{s['max']:.2f}]")
+    sim = result.get("simulated_npu")
+    if sim:
+        lines.append(f"simulated NPU ({sim['ms_per_tile']:g} ms/tile on {sim['cores']} cores; {sim['note']}):")
+        lines.append(f"  {'npu_alone_ms':<32} {sim['npu_alone_ms']['median']:>10.2f}  "
+                     f"[{sim['npu_alone_ms']['min']:.2f}..{sim['npu_alone_ms']['max']:.2f}]")
+        lines.append(f"  {'hidden_fraction':<32} {sim['hidden_fraction']:>10.3f}  (target >= 0.5: "
+                     f"{'met' if sim['target_met'] else 'not met'}; {sim['overruns']} overrun tiles)")
     lines.append("README row: " + readme_row(result))
     return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 4032x3024, got {text!r}") from None
+    if not (16 <= width <= 8192 and 16 <= height <= 8192):
+        raise argparse.ArgumentTypeError(f"each side must be 16..8192 pixels, got {text!r}")
+    return width, height
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,11 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, metavar="N", help="measured runs per figure (3)")
     parser.add_argument("--warmup", type=int, default=1, metavar="N", help="unmeasured runs first (1)")
     parser.add_argument("--image", metavar="PATH", help="use this image instead of the synthetic 2048x2048 one")
+    parser.add_argument("--photo", metavar="WxH", type=_size, help="use a synthetic photo-like JPEG of this size "
+                        "instead, e.g. 4032x3024 (a 12 MP phone photo)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question ({DEFAULT_PROMPT!r})")
     parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="N",
                         help=f"greedy tokens per answer, at most ({DEFAULT_NEW_TOKENS})")
     parser.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel",
                         help="NPU core mode of the image request (every mode is measured for vision_ms_per_tile)")
+    parser.add_argument("--simulate-npu-ms", type=float, metavar="MS",
+                        help="with --emulate: replace the vision backend by a scheduling model of the NPU (MS per "
+                        "tile on each of 3 cores, rows from the emulation) and report how much of the front end "
+                        "hides behind it (simulated_npu in the JSON); not a board figure")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     parser.add_argument("--budgets", metavar="FILE", nargs="?", const=str(BUDGETS_FILE),
                         help="check the medians against a budgets file (without FILE: the package's own, "
@@ -361,6 +496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < 1:
         parser.error("--runs and --new-tokens must be at least 1, --warmup at least 0")
+    if args.simulate_npu_ms is not None and (not args.emulate or args.simulate_npu_ms <= 0):
+        parser.error("--simulate-npu-ms needs --emulate (it replaces the emulation's vision backend) and a positive "
+                     "time per tile")
     if args.emulate:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     log = (lambda line: None) if args.quiet else (lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
@@ -378,8 +516,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise InputError(f"{args.budgets} has no budgets for this model (entries match on the vision "
                                  "family and the decoder's hidden size)")
         result = run_bench(args.bundle, emulate=args.emulate, runs=args.runs, warmup=args.warmup, image=args.image,
-                           prompt=args.prompt, new_tokens=args.new_tokens, npu_cores=args.npu_cores,
-                           verify=not args.no_verify, log=log)
+                           photo=args.photo, prompt=args.prompt, new_tokens=args.new_tokens, npu_cores=args.npu_cores,
+                           simulate_npu_ms=args.simulate_npu_ms, verify=not args.no_verify, log=log)
         problems: list[str] = []
         if entry is not None:
             problems = [p for key, rule in entry["budgets"].items() if (p := check_budget(result, key, rule))]

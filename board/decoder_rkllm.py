@@ -43,11 +43,10 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import rkllm_h as C
+from .cpus import rkllm_cpus
 from .decoder import DecodeStats, GenerationStep, SamplingParams, checked_embeddings, chosen_sampling
 from .errors import BundleError, DecoderError, InputError, PrefillMismatch
 
-# The RK3588's Cortex-A76 cores, which Rockchip's own demos give the runtime.
-RK3588_BIG_CORES = (4, 5, 6, 7)
 # librkllmrt's log switch (read by the runtime at rkllm_init; 1 prints per-run timings)
 LOG_LEVEL_ENV = "RKLLM_LOG_LEVEL"
 # How often the waiting generator wakes so that Ctrl-C is handled promptly.
@@ -194,11 +193,12 @@ class RKLLMDecoder:
 
     `hidden_size` comes from the bundle manifest (the runtime cannot report it) and guards every
     call: embeddings of another width are refused before they reach C. `sampling` is the default
-    for generate() calls that pass none. `enabled_cpus` picks CPU cores (None: the runtime's
-    default); `base_domain_id` is the NPU memory domain, 1 as Rockchip's multimodal demo uses on
-    RK3588 so the decoder stays apart from the vision model's domain 0. `eos_token_ids` (the
-    bundle's) arm the EOS guard; `log_level` sets RKLLM_LOG_LEVEL for rkllm_init (None: leave the
-    environment alone). `notices` collects what the runtime would not do (e.g. the empty template).
+    for generate() calls that pass none. `enabled_cpus` picks CPU cores (default: the big cores,
+    board.cpus; None: the runtime's default); `base_domain_id` is the NPU memory domain, 1 as
+    Rockchip's multimodal demo uses on RK3588 so the decoder stays apart from the vision model's domain 0.
+    `eos_token_ids` (the bundle's) arm the EOS guard; `log_level` sets RKLLM_LOG_LEVEL for rkllm_init
+    (None: leave the environment alone). `notices` collects what the runtime would not do (e.g. the
+    empty template).
     """
 
     def __init__(
@@ -209,7 +209,7 @@ class RKLLMDecoder:
         max_context: int,
         sampling: SamplingParams = SamplingParams(),
         skip_special_token: bool = True,
-        enabled_cpus: Optional[Sequence[int]] = RK3588_BIG_CORES,
+        enabled_cpus: Optional[Sequence[int]] = rkllm_cpus(),
         base_domain_id: int = 1,
         eos_token_ids: Sequence[int] = (),
         embed_flash: bool = False,

@@ -48,6 +48,9 @@ _ORIENTATION_TAG = 0x0112
 # anything else (CMYK, YCbCr, 32-bit int/float, bilevel TIFF...) is decoded by Pillow itself.
 _OPENCV_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I;16B", "I;16L", "1"}
 _OPENCV_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+# JPEGs libjpeg can decode straight to a smaller RGB image (load_image's `reduce`)
+_REDUCIBLE_MODES = {"RGB", "L"}
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 @dataclass(frozen=True)
@@ -176,13 +179,19 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
 
 
 def load_image(
-    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+    reduce: int = 1,
 ) -> np.ndarray:
-    """Decode an image to an upright HxWx3 uint8 RGB array, as the reference pipeline sees it."""
+    """Decode an image to an upright HxWx3 uint8 RGB array, as the reference pipeline sees it.
+
+    `reduce` (2, 4 or 8) lets libjpeg decode a JPEG at that fraction of its size (ceil of each side),
+    which costs a fraction of a full decode; other formats ignore it. Only board.tiles.decode_for_tiles
+    asks for it, where the result stays within the parity tolerance.
+    """
     data = read_bytes(source, max_bytes=max_bytes)
     info = probe(data, max_pixels=max_pixels)
     if info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES:
-        rgb = _decode_opencv(data)
+        rgb = _decode_opencv(data, reduce if info.format == "JPEG" and info.mode in _REDUCIBLE_MODES else 1)
     else:
         rgb = None
     if rgb is None:
@@ -190,8 +199,12 @@ def load_image(
     return _apply_orientation(rgb, info.orientation)
 
 
-def _decode_opencv(data: bytes) -> np.ndarray | None:
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # no EXIF rotation
+def _decode_opencv(data: bytes, reduce: int = 1) -> np.ndarray | None:
+    if reduce in _REDUCED_FLAGS:  # 3-channel BGR at 1/reduce of the size, no EXIF rotation
+        flags = _REDUCED_FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
+    else:
+        flags = cv2.IMREAD_UNCHANGED  # no EXIF rotation
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if pixels is None:
         return None
     if pixels.dtype == np.uint16:

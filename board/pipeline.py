@@ -48,12 +48,14 @@ from . import bundle_schema as S
 from .bundle import DECODER_HF, DECODER_RKLLM, Bundle
 from .decoder import Decoder, GenerationStep, SamplingParams
 from .errors import BundleError, ContextLengthExceeded, DecoderError, InputError
-from .image_io import image_from_array, load_image, read_bytes
+from .image_io import image_from_array, read_bytes
 from .prompt import CONTROL_TOKEN_POLICIES, Prompt, build_prompt, drop_leading_space
 from .sequence import build_sequence, stack_rows
 from .system_checks import CheckResult, SystemPaths, require, run_checks
-from .tiles import budget_settings, check_tile_budget, split_image
-from .vision import EncodedImage, OnnxVisionEncoder, RKNNVisionEncoder, VisionCache, VisionEncoder, image_key
+from .cpus import submit
+from .tiles import TilePlan, budget_settings, check_tile_budget, cut_tiles, decode_for_tiles, plan_tiles
+from .vision import (EncodedImage, EncodeJob, OnnxVisionEncoder, RKNNVisionEncoder, VisionCache, VisionEncoder,
+                     image_key)
 
 ImageInput = Union[str, Path, bytes, bytearray, memoryview, np.ndarray]
 Message = Mapping[str, Any]
@@ -74,7 +76,8 @@ class Timings:
     tiles: int = 0
     tiles_ms: float = 0.0
     vision_tiles: int = 0  # tiles encoded in this turn (cached images cost none)
-    vision_ms: float = 0.0
+    vision_ms: float = 0.0  # waiting for vision rows after the last tile was cut (NPU time not hidden)
+    npu_ms: float = 0.0  # from the first tile handed to the vision encoder to the last row back
     sequence_ms: float = 0.0
     history_tokens: int = 0  # what the decoder already held
     prompt_tokens: int = 0  # rows fed in this turn
@@ -87,7 +90,12 @@ class Timings:
 
     @property
     def vision_ms_per_tile(self) -> float:
-        return self.vision_ms / self.vision_tiles if self.vision_tiles else 0.0
+        return self.npu_ms / self.vision_tiles if self.vision_tiles else 0.0
+
+    @property
+    def image_encode_ms(self) -> float:
+        """Wall time from the first image's bytes to the last vision row (the front end and the wait)."""
+        return self.image_decode_ms + self.tiles_ms + self.vision_ms
 
     @property
     def prefill_tok_s(self) -> float:
@@ -99,8 +107,8 @@ class Timings:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(vision_ms_per_tile=self.vision_ms_per_tile, prefill_tok_s=self.prefill_tok_s,
-                 decode_tok_s=self.decode_tok_s)
+        d.update(vision_ms_per_tile=self.vision_ms_per_tile, image_encode_ms=self.image_encode_ms,
+                 prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s)
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
 
 
@@ -164,6 +172,116 @@ def open_vision_encoder(bundle: Bundle, *, emulate: bool, npu_cores: str = "para
         return OnnxVisionEncoder(host_file(bundle, model.onnx, verify), settings=bundle.split_settings, **kwargs)
     return RKNNVisionEncoder(bundle.path(model.file), tile=bundle.split_settings.tile, cores=npu_cores,
                              built_with=bundle.built_with.get(S.Toolkits.RKNN_TOOLKIT2), **kwargs)
+
+
+class _MediaEncoding:
+    """One turn's images (and video frames) on their way through the front end and the vision encoder.
+
+    The caller's thread decodes and cuts one image after the other (the pixel work runs on the big
+    cores, board.cpus) and hands each tile to the encoder's job as soon as it exists; the encoder's
+    workers run the NPU meanwhile. `finish()` waits for every row, in order, and fills the session
+    cache. Timings: image_decode_ms and tiles_ms are the front end's time, vision_ms the wait for rows
+    after the last tile was cut (the NPU time the front end did not hide), npu_ms the span from the
+    first tile handed over to the last row back.
+    """
+
+    def __init__(self, pipeline: "Pipeline", timings: Timings):
+        self.pipeline = pipeline
+        self.timings = timings
+        self.job: Optional[EncodeJob] = None  # every tile of the turn, in prompt order
+        self.first_tile_at: Optional[float] = None
+        # per image in prompt order: (plan, cache key, index of its first tile in the job, or its cached encoding)
+        self.entries: list[tuple[TilePlan, Optional[str], Union[int, EncodedImage]]] = []
+        self.pending: dict[str, int] = {}  # cache key -> entry index, for images of this turn still encoding
+
+    def _add(self, tiles: np.ndarray) -> None:
+        if self.job is None:
+            vision = self.pipeline.vision
+            if vision is None:
+                raise DecoderError("the pipeline is closed")
+            self.job = vision.start()
+            self.first_tile_at = time.perf_counter()
+        self.job.add(tiles)
+
+    def image(self, source: ImageInput, budget: Optional[int]) -> None:
+        p, t = self.pipeline, self.timings
+        t0 = time.perf_counter()
+        data: Any = image_from_array(source) if isinstance(source, np.ndarray) else read_bytes(source)
+        key = image_key(data, p.settings, f"max_tiles={budget}")
+        t.images += 1
+        hit = p.cache.get(key)
+        if hit is None and key in self.pending:  # the same image again in this turn: encoded once
+            plan = self.entries[self.pending[key]][0]
+            hit = EncodedImage(plan, None, cached=True)  # rows filled in by finish()
+        if hit is not None:
+            t.images_cached += 1
+            t.tiles += hit.plan.n_tiles
+            self.entries.append((hit.plan, key, hit))
+            return
+        if isinstance(data, np.ndarray):
+            settings = budget_settings(p.settings, data.shape[0], data.shape[1], budget)
+            rgb, plan = data, plan_tiles(data.shape[0], data.shape[1], settings)
+        else:
+            rgb, plan, settings = submit(decode_for_tiles, data, p.settings, budget).result()
+        t1 = time.perf_counter()
+        first = len(self.job) if self.job is not None else 0
+        for tile in cut_tiles(rgb, plan, settings):
+            self._add(tile[None])
+        t.image_decode_ms += (t1 - t0) * 1e3
+        t.tiles_ms += (time.perf_counter() - t1) * 1e3
+        t.tiles += plan.n_tiles
+        t.vision_tiles += plan.n_tiles
+        self.pending[key] = len(self.entries)
+        self.entries.append((plan, key, first))
+
+    def video(self, path: Union[str, Path]) -> list[dict[str, Any]]:
+        """Sample and decode the video, then cut and hand over one tile per frame; returns its items."""
+        from .video import VideoSettings, frame_plan, frame_tile, read_video, video_items
+
+        p, t = self.pipeline, self.timings
+        settings = VideoSettings.from_manifest(p.bundle.video)
+        t0 = time.perf_counter()
+        video = read_video(path, settings)
+        t1 = time.perf_counter()
+        for frame in video.frames:
+            first = len(self.job) if self.job is not None else 0
+            self._add(frame_tile(frame, settings, p.settings)[None])
+            self.entries.append((frame_plan(frame, p.settings), None, first))
+        t.image_decode_ms += (t1 - t0) * 1e3
+        t.tiles_ms += (time.perf_counter() - t1) * 1e3
+        t.images += len(video.frames)
+        t.tiles += len(video.frames)
+        t.vision_tiles += len(video.frames)
+        return video_items(video, settings)
+
+    def finish(self) -> list[EncodedImage]:
+        """Wait for the rows; the encodings in prompt order (new images also go into the cache)."""
+        p, t = self.pipeline, self.timings
+        rows = None
+        if self.job is not None:
+            t0 = time.perf_counter()
+            rows = self.job.result()
+            done = time.perf_counter()
+            t.vision_ms += (done - t0) * 1e3
+            t.npu_ms += (done - self.first_tile_at) * 1e3
+        encoded: list[EncodedImage] = []
+        for plan, key, where in self.entries:
+            if isinstance(where, int):
+                image = EncodedImage(plan, rows[where:where + plan.n_tiles])
+                if key is not None:
+                    p.cache.put(key, image)
+            elif where.rows is None:  # a repeat of an image encoded in this turn
+                first = self.entries[self.pending[key]][2]
+                image = EncodedImage(plan, rows[first:first + plan.n_tiles], cached=True)
+            else:
+                image = where
+            encoded.append(image)
+        return encoded
+
+    def cancel(self) -> None:
+        """Drop the tiles not started (after an error or Ctrl-C in the front end)."""
+        if self.job is not None:
+            self.job.cancel()
 
 
 class Reply:
@@ -360,71 +478,35 @@ class Pipeline:
 
     def encode_image(self, source: ImageInput, timings: Timings, max_tiles: Optional[int] = None) -> EncodedImage:
         """One image through decoding, splitting and the vision encoder (or from the session cache)."""
-        budget = self.max_tiles if max_tiles is None else max_tiles
-        t0 = time.perf_counter()
-        if isinstance(source, np.ndarray):
-            data: Any = image_from_array(source)
-        else:
-            data = read_bytes(source)
-        key = image_key(data, self.settings, f"max_tiles={budget}")
-        timings.images += 1
-        hit = self.cache.get(key)
-        if hit is not None:
-            timings.images_cached += 1
-            timings.tiles += hit.plan.n_tiles
-            return hit
-        rgb = data if isinstance(data, np.ndarray) else load_image(data)
-        t1 = time.perf_counter()
-        tiled = split_image(rgb, budget_settings(self.settings, rgb.shape[0], rgb.shape[1], budget))
-        t2 = time.perf_counter()
-        rows = self._encode_tiles(tiled.tiles)
-        t3 = time.perf_counter()
-        timings.image_decode_ms += (t1 - t0) * 1e3
-        timings.tiles_ms += (t2 - t1) * 1e3
-        timings.vision_ms += (t3 - t2) * 1e3
-        timings.tiles += tiled.plan.n_tiles
-        timings.vision_tiles += tiled.plan.n_tiles
-        encoded = EncodedImage(tiled.plan, rows)
-        self.cache.put(key, encoded)
-        return encoded
+        return self.encode_media([source], None, timings, max_tiles)[1][0]
 
     def encode_video(self, path: Union[str, Path], timings: Timings) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
         """A video file (SmolVLM2 bundles) as content items and one encoded frame per image placeholder."""
-        from .video import VideoSettings, frame_plan, frame_tile, read_video, video_items
-
-        settings = VideoSettings.from_manifest(self.bundle.video)
-        t0 = time.perf_counter()
-        video = read_video(path, settings)
-        t1 = time.perf_counter()
-        tiles = np.stack([frame_tile(f, settings, self.settings) for f in video.frames])
-        t2 = time.perf_counter()
-        rows = self._encode_tiles(tiles)
-        t3 = time.perf_counter()
-        timings.image_decode_ms += (t1 - t0) * 1e3
-        timings.tiles_ms += (t2 - t1) * 1e3
-        timings.vision_ms += (t3 - t2) * 1e3
-        timings.images += len(video.frames)
-        timings.tiles += len(video.frames)
-        timings.vision_tiles += len(video.frames)
-        frames = [EncodedImage(frame_plan(f, self.settings), rows[i:i + 1]) for i, f in enumerate(video.frames)]
-        return video_items(video, settings), frames
-
-    def _encode_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        if self.vision is None:
-            raise DecoderError("the pipeline is closed")
-        return self.vision.encode(tiles)
+        return self.encode_media([], path, timings)
 
     def encode_media(self, images: Sequence[ImageInput], video: Optional[Union[str, Path]], timings: Timings,
                      max_tiles: Optional[int] = None) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
-        """Content items and encodings for a message's video (first) and images (then), in prompt order."""
+        """Content items and encodings for a message's video (first) and images (then), in prompt order.
+
+        One pass through the front end, overlapped with the vision encoder: every tile goes to the
+        encoder as soon as it is cut, so the NPU works on the first tiles (and on image k) while the
+        rest (image k+1) are cut, and the turn waits for the rows once, at the end.
+        """
+        if self.vision is None:
+            raise DecoderError("the pipeline is closed")
+        budget = self.max_tiles if max_tiles is None else max_tiles
+        media = _MediaEncoding(self, timings)
         items: list[dict[str, Any]] = []
-        encoded: list[EncodedImage] = []
-        if video is not None:
-            items, encoded = self.encode_video(video, timings)
-        for image in images:
-            encoded.append(self.encode_image(image, timings, max_tiles))
-            items.append({"type": "image"})
-        return items, encoded
+        try:
+            if video is not None:
+                items = media.video(video)
+            for image in images:
+                media.image(image, budget)
+                items.append({"type": "image"})
+            return items, media.finish()
+        except BaseException:
+            media.cancel()
+            raise
 
     # -- prompts and turns --------------------------------------------------------------------------
 
@@ -515,7 +597,7 @@ class Pipeline:
                  sampling: Optional[SamplingParams] = None, max_tiles: Optional[int] = None) -> Reply:
         """A whole conversation in one call (no state kept): `images` fill the image items in order."""
         turn = self.begin_turn()
-        encoded = [self.encode_image(image, turn.timings, max_tiles) for image in images]
+        _, encoded = self.encode_media(images, None, turn.timings, max_tiles)
         return self.reply(turn, self.full_prompt(messages, encoded), encoded, sampling=sampling)
 
     def ask(self, question: str, images: Sequence[ImageInput] = (), *, video: Optional[Union[str, Path]] = None,

@@ -13,29 +13,29 @@ Without splitting, step 1 is followed by a resize straight to one tile.
 from the same plan (the reference recomputes it separately for its token count).
 
 Resampling parity: the reference resamples with Pillow, whose Lanczos widens the kernel when it
-shrinks and works in fixed point; OpenCV's does not (mean error 0.05 on the [-1, 1] scale). So the
-resizes call Pillow itself, cut into horizontal bands computed in parallel threads (Pillow releases
-the GIL); each band is resampled with the full image's coefficients, so the result is
-bit-identical to one call, just faster on a multi-core board.
+shrinks and works in fixed point; OpenCV's does not (mean error 0.05 on the [-1, 1] scale; its AREA,
+LANCZOS4 and CUBIC all break the tolerance). board.resample reimplements Pillow's coefficients as
+banded matrix products: `resize` is bit-identical to Pillow; the tiles use its float32 form (within
+2 levels of Pillow, faster) and are computed tile by tile on the big cores, so the NPU
+can start on the first tiles while the others are cut (`cut_tiles`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
+from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
+from .image_io import load_image, probe
+from .resample import chain, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
 MAX_IMAGE_SIDE = 4096
-# Below this many output rows per band, threading costs more than it saves.
-_MIN_BAND_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -270,104 +270,81 @@ def patchify(tiles: np.ndarray, patch: int) -> np.ndarray:
     return out
 
 
-def split_image(rgb: np.ndarray, settings: SplitSettings) -> TiledImage:
-    """Cut an HxWx3 uint8 RGB image into the reference's tiles."""
+def split_image(rgb: np.ndarray, settings: SplitSettings, *, exact: bool = False) -> TiledImage:
+    """Cut an HxWx3 uint8 RGB image into the reference's tiles (cut_tiles, stacked)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"split_image wants HxWx3 uint8 RGB, got {rgb.dtype} {rgb.shape}")
     plan = plan_tiles(rgb.shape[0], rgb.shape[1], settings)
-    T = plan.tile
-    image = resize(rgb, plan.resized, settings.resample)
+    return TiledImage(np.stack(list(cut_tiles(rgb, plan, settings, exact=exact))), plan, settings)
+
+
+def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact: bool = False) -> Iterator[np.ndarray]:
+    """The plan's tiles [T, T, 3] in order, each as soon as it is ready: the grid row by row, then the
+    global view (a single tile when the plan has no grid).
+
+    `rgb` is the decoded image: plan.source, or smaller when the JPEG decoder reduced it
+    (decode_for_tiles). Each grid tile is resampled on its own, from the part of the image it depends
+    on (board.resample), on the front-end threads: the first split over all of them, so the NPU can
+    start early, the others one per thread; all are queued at once and finish about in order while the
+    caller hands the first ones to the NPU. The global view is the grid's padded image resized to one
+    tile, once the grid is done. Float32 resampling unless `exact` (module docstring).
+    """
+    T, filt = plan.tile, settings.resample
     if not settings.do_image_splitting:
-        tiles = resize(image, (T, T), settings.resample)[None]
-        return TiledImage(np.ascontiguousarray(tiles), plan, settings)
-    image = resize(image, plan.padded, settings.resample)
+        yield resize(resize(rgb, plan.resized, filt, exact=exact), (T, T), filt, exact=exact)
+        return
     if not plan.rows:
-        return TiledImage(np.ascontiguousarray(image[None]), plan, settings)
-    tiles = np.empty((plan.n_tiles, T, T, 3), np.uint8)
-    grid = image.reshape(plan.rows, T, plan.cols, T, 3).transpose(0, 2, 1, 3, 4)
-    tiles[:-1] = grid.reshape(-1, T, T, 3)
-    tiles[-1] = resize(image, (T, T), settings.resample)
-    return TiledImage(tiles, plan, settings)
+        yield resize(resize(rgb, plan.resized, filt, exact=exact), plan.padded, filt, exact=exact)
+        return
+    if supported(filt):
+        steps, source = chain(rgb.shape[:2], [plan.resized, plan.padded], filt, exact=exact), rgb
+    else:  # Pillow itself, on whole images
+        steps, source = [], resize(resize(rgb, plan.resized, filt), plan.padded, filt)
+    # the first tile in row bands, one per thread: it is the one the NPU waits for
+    bands = [round(T * i / frontend_threads()) for i in range(frontend_threads() + 1)]
+    jobs = [[submit(region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T))
+             for a, b in (zip(bands[:-1], bands[1:]) if r == c == 0 else [(0, T)])]
+            for r in range(plan.rows) for c in range(plan.cols)]
+    padded = np.empty((*plan.padded, 3), np.uint8)
+    try:
+        for i, parts in enumerate(jobs):
+            r, c = divmod(i, plan.cols)
+            tile = padded[r * T:r * T + T, c * T:c * T + T]
+            for (a, b), job in zip(zip(bands[:-1], bands[1:]) if len(parts) > 1 else [(0, T)], parts):
+                tile[a:b] = job.result()
+            yield np.ascontiguousarray(tile)
+    finally:
+        for parts in jobs:  # the caller stopped early: drop what has not started
+            for job in parts:
+                job.cancel()
+    yield resize(padded, (T, T), filt, exact=exact)
 
 
-_pool: Optional[ThreadPoolExecutor] = None
+# A JPEG may be decoded at 1/2, 1/4 or 1/8 of its size when that leaves at least this many times the
+# first resize's target on both sides: then resampling from the reduced image stays within the parity
+# tolerance (measured; with less margin it does not).
+REDUCED_DECODE_MARGIN = 1.5
 
 
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def jpeg_reduction(source: tuple[int, int], target: tuple[int, int]) -> int:
+    """The largest JPEG decode reduction (1, 2, 4 or 8) that keeps REDUCED_DECODE_MARGIN x `target`."""
+    for factor in (8, 4, 2):
+        if all(math.ceil(s / factor) >= REDUCED_DECODE_MARGIN * t for s, t in zip(source, target)):
+            return factor
+    return 1
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="smolvlm-resize")
-    return _pool
+def decode_for_tiles(data: bytes, settings: SplitSettings,
+                     max_tiles: Optional[int] = None) -> tuple[np.ndarray, TilePlan, SplitSettings]:
+    """Decode an image file for splitting: (pixels, plan, settings within the tile budget).
 
-
-def _pillow_version() -> tuple[int, ...]:
-    import PIL
-
-    return tuple(int(p) for p in PIL.__version__.split(".")[:2] if p.isdigit())
-
-
-_VERTICAL_FIRST_RULE = _pillow_version() >= (13, 0)
-
-
-def _vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
-    """Which pass Pillow runs first (Resample.c): from 13.0 the vertical one when the height shrinks
-    more than twice as much as the width; before 13.0 always the horizontal one. The order changes
-    the result (the intermediate image is clipped to 8 bits), so it must be the same."""
-    return _VERTICAL_FIRST_RULE and in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
-
-
-def _bands(n: int) -> list[tuple[int, int]]:
-    count = max(1, min(_threads(), n // _MIN_BAND_ROWS))
-    edges = [round(n * i / count) for i in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def _pass(rgb: np.ndarray, out_len: int, axis: int, resample: int) -> np.ndarray:
-    """One separable pass of Pillow's resize along `axis` (1: width, 0: height).
-
-    Rows are independent in a width pass and columns in a height pass, so the image is cut into
-    bands across the other axis and each band is resampled by Pillow in its own thread (Pillow
-    releases the GIL while it resamples); the bands join bit-identically.
+    The plan comes from the header's (upright) size, before any pixel is decoded, so a JPEG can be
+    decoded straight to a fraction of its size where jpeg_reduction allows (a 48 MP photo, or a
+    small tile budget); the plan still describes the full image, as the reference sees it.
     """
-    in_h, in_w = rgb.shape[:2]
-    out_shape = (in_h, out_len, 3) if axis == 1 else (out_len, in_w, 3)
-    out = np.empty(out_shape, np.uint8)
-    across = in_h if axis == 1 else in_w
-
-    def band(span: tuple[int, int]) -> None:
-        a, b = span
-        if axis == 1:
-            out[a:b] = np.asarray(Image.fromarray(rgb[a:b]).resize((out_len, b - a), resample))
-        else:
-            part = np.ascontiguousarray(rgb[:, a:b])
-            out[:, a:b] = np.asarray(Image.fromarray(part).resize((b - a, out_len), resample))
-
-    spans = _bands(across)
-    if len(spans) == 1:
-        band(spans[0])
-    else:
-        list(_executor().map(band, spans))
-    return out
-
-
-def resize(rgb: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
-    """Pillow's resize of an HxWx3 uint8 array to (h, w): bit-identical, computed in parallel bands.
-
-    Pillow resamples in two separable passes with an 8-bit intermediate; running the same two
-    passes one after the other, in Pillow's order, gives the same bytes as one call.
-    """
-    out_h, out_w = size
-    in_h, in_w = rgb.shape[:2]
-    if (out_h, out_w) == (in_h, in_w):
-        return rgb  # Pillow returns an unchanged copy for a same-size resize
-    if out_w != in_w and out_h != in_h and _vertical_first(in_w, in_h, out_w, out_h):
-        return _pass(_pass(rgb, out_h, 0, resample), out_w, 1, resample)
-    if out_w != in_w:
-        rgb = _pass(rgb, out_w, 1, resample)
-    if out_h != in_h:
-        rgb = _pass(rgb, out_h, 0, resample)
-    return rgb
+    info = probe(data)
+    upright = (info.width, info.height) if info.orientation in (5, 6, 7, 8) else (info.height, info.width)
+    chosen = budget_settings(settings, *upright, max_tiles)
+    plan = plan_tiles(*upright, chosen)
+    reduction = jpeg_reduction(upright, plan.resized) if chosen.do_resize else 1
+    return load_image(data, reduce=reduction), plan, chosen

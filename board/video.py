@@ -143,9 +143,11 @@ def read_video(path: Union[str, Path], settings: VideoSettings) -> SampledVideo:
 
 
 def frame_tile(frame: np.ndarray, video: VideoSettings, split: SplitSettings) -> np.ndarray:
-    """One frame as one tile: longest edge to the video size, then squashed to the tile (never split)."""
+    """One frame as one tile: longest edge to the video size, then squashed to the tile (never split);
+    resampled like image tiles (float32, within 2 levels of Pillow)."""
     size = longest_edge_size(frame.shape[0], frame.shape[1], min(video.longest_edge, MAX_IMAGE_SIDE))
-    return resize(resize(frame, size, split.resample), (split.tile, split.tile), split.resample)
+    return resize(resize(frame, size, split.resample, exact=False), (split.tile, split.tile), split.resample,
+                  exact=False)
 
 
 def frame_plan(frame: np.ndarray, split: SplitSettings) -> TilePlan:

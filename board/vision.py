@@ -1,13 +1,17 @@
 """Stage 4: image tiles -> the vision rows that replace the `<image>` tokens.
 
 One small interface, `VisionEncoder.encode(tiles)`: uint8 NHWC RGB tiles [n, T, T, 3] in, float32
-[n, tokens_per_tile, hidden] out. Two backends:
+[n, tokens_per_tile, hidden] out; or `start()`, a job the front end adds tiles to as it cuts them
+(the encoder's workers run them in the background, in order). Two backends:
 
 - `RKNNVisionEncoder` (the board): `vision.rknn` on rknnlite. The model is static batch 1 (a
   dynamic-batch build is 3.5x larger and ran out of memory), so speed comes from running tiles on
-  the three NPU cores at once: `cores="parallel"` opens one runtime per core and spreads the tiles
-  over them from threads; `"single"` (core 0) and `"all"` (one runtime on NPU_CORE_0_1_2, which
-  splits each layer over the cores) are there so the fastest can be measured on a board.
+  the three NPU cores at once: `cores="parallel"` opens one runtime per core and runs the tiles on
+  three worker threads (rknnlite's inference is reported to release the GIL while the NPU works:
+  three contexts on an RK3588 ran 2.5x faster from three threads, suharvest/rkvoice-stream#5; so the
+  front end runs meanwhile; not measured here without a board); `"single"` (core 0) and `"all"`
+  (one runtime on NPU_CORE_0_1_2, which splits each layer over the cores) are there so the fastest
+  can be measured on a board.
 - `OnnxVisionEncoder` (x86 emulation): `host/vision.onnx` on ONNX Runtime, fed what the RKNN model
   computes from the same uint8 tile (for `conv`, the normalization the RKNN build bakes in).
 
@@ -33,7 +37,7 @@ import queue
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Union
@@ -226,34 +230,52 @@ def check_rknn_runtime(sdk_text: Optional[str], built_with: Optional[str]) -> Op
 
 
 class VisionEncoder:
-    """Tiles in, rows out; subclasses implement `_encode` (the NPU one tile per runtime, ONNX Runtime in bulk)."""
+    """Tiles in, rows out, encoded in the background in the order given.
+
+    `start()` opens an EncodeJob to which the front end adds tiles as it cuts them, so the NPU works on
+    the first tiles (and images) while the rest are still being cut; `encode(tiles)` is one job, waited
+    for. The tiles run on `workers` threads (one per NPU runtime); subclasses implement `encode_one`.
+    """
 
     backend = "?"
 
-    def __init__(self, *, tile: int, tokens_per_tile: int, hidden_size: int, feed: TileFeed):
+    def __init__(self, *, tile: int, tokens_per_tile: int, hidden_size: int, feed: TileFeed, workers: int = 1):
         self.tile = tile
         self.tokens_per_tile = tokens_per_tile
         self.hidden_size = hidden_size
         self.feed = feed
+        self.workers = workers
+        self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(max_workers=workers,
+                                                                      thread_name_prefix=f"vision-{self.backend}")
+
+    def start(self) -> "EncodeJob":
+        """A new job: add tiles to it as they are ready, then wait for its rows."""
+        return EncodeJob(self)
 
     def encode(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 [n, T, T, 3] RGB tiles -> float32 [n, tokens_per_tile, hidden]."""
+        job = self.start()
+        job.add(tiles)
+        return job.result()
+
+    def encode_one(self, tile: np.ndarray) -> np.ndarray:
+        """One uint8 [T, T, 3] tile -> its float32 rows [tokens_per_tile, hidden], on the calling thread."""
+        raise NotImplementedError
+
+    def _checked(self, tiles: Any) -> np.ndarray:
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or tiles.shape[1:] != (self.tile, self.tile, 3) or tiles.dtype != np.uint8:
             raise VisionError(f"tiles must be uint8 [n, {self.tile}, {self.tile}, 3], got {tiles.dtype} {list(tiles.shape)}")
-        if len(tiles) == 0:
-            return np.zeros((0, self.tokens_per_tile, self.hidden_size), np.float32)
-        out = self._encode(tiles)
-        if out.shape != (len(tiles), self.tokens_per_tile, self.hidden_size):
-            raise VisionError(
-                f"the vision model returned {list(out.shape)} for {len(tiles)} tile(s); the bundle says "
-                f"[{len(tiles)}, {self.tokens_per_tile}, {self.hidden_size}]",
-                hint="the vision model does not match the bundle's manifest; rebuild the bundle",
-            )
-        return out
+        return tiles
 
-    def _encode(self, tiles: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    def _submit(self, tile: np.ndarray) -> "Future[np.ndarray]":
+        pool = self._pool
+        try:
+            if pool is None:
+                raise RuntimeError
+            return pool.submit(self.encode_one, tile)
+        except RuntimeError:  # the pool was shut down
+            raise VisionError("the vision encoder is closed") from None
 
     def _as_rows(self, output: Any) -> np.ndarray:
         out = np.asarray(output, dtype=np.float32)
@@ -266,7 +288,10 @@ class VisionEncoder:
         return out.reshape(self.tokens_per_tile, self.hidden_size)
 
     def close(self) -> None:
-        """Release the runtime(s); safe to call twice."""
+        """Stop the workers (tiles not started are dropped) and release the runtime(s); safe to call twice."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "VisionEncoder":
         return self
@@ -275,13 +300,50 @@ class VisionEncoder:
         self.close()
 
 
+class EncodeJob:
+    """Tiles on their way through a VisionEncoder: `add` queues them (checked first), `result` waits for
+    their rows in the order added. If a tile fails, or the wait is interrupted, the tiles not started
+    yet are dropped and the error is raised."""
+
+    def __init__(self, encoder: VisionEncoder):
+        self._encoder = encoder
+        self._futures: list["Future[np.ndarray]"] = []
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def add(self, tiles: np.ndarray) -> None:
+        """Queue uint8 [n, T, T, 3] tiles after those already added."""
+        for tile in self._encoder._checked(tiles):
+            self._futures.append(self._encoder._submit(tile))
+
+    def result(self) -> np.ndarray:
+        """Wait for every tile: float32 [n, tokens_per_tile, hidden]."""
+        enc = self._encoder
+        rows = np.empty((len(self._futures), enc.tokens_per_tile, enc.hidden_size), np.float32)
+        try:
+            for i, future in enumerate(self._futures):
+                rows[i] = future.result()
+        except BaseException:
+            self.cancel()
+            raise
+        return rows
+
+    def cancel(self) -> None:
+        """Drop the tiles that have not started (a started tile finishes: the NPU cannot be interrupted)."""
+        for future in self._futures:
+            future.cancel()
+
+
 class OnnxVisionEncoder(VisionEncoder):
-    """x86 emulation: the bundle's host/vision.onnx on ONNX Runtime (CPU), one tile per run like the NPU."""
+    """x86 emulation: the bundle's host/vision.onnx on ONNX Runtime (CPU), one tile per run like the NPU
+    (on one worker: ONNX Runtime spreads each run over the CPU cores itself)."""
 
     backend = "onnxruntime"
 
     def __init__(self, onnx_path: Union[str, Path], *, settings: SplitSettings, tokens_per_tile: int,
                  hidden_size: int, layout: str = "conv"):
+        self._session = None
         super().__init__(tile=settings.tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size,
                          feed=tile_feed(layout))
         try:
@@ -297,19 +359,18 @@ class OnnxVisionEncoder(VisionEncoder):
             raise VisionError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
         self._input = self._session.get_inputs()[0].name
 
-    def _encode(self, tiles: np.ndarray) -> np.ndarray:
+    def encode_one(self, tile: np.ndarray) -> np.ndarray:
         session = self._session
         if session is None:
             raise VisionError("the vision encoder is closed")
-        inputs = self.feed.onnx_input(tiles, self.settings)
         try:
-            return np.stack([self._as_rows(session.run(None, {self._input: x[None]})[0]) for x in inputs])
-        except VisionError:
-            raise
-        except Exception as exc:
+            output = session.run(None, {self._input: self.feed.onnx_input(tile[None], self.settings)})[0]
+        except Exception as exc:  # onnxruntime raises its own unimportable exception types
             raise VisionError(f"ONNX Runtime failed on a tile: {exc}") from exc
+        return self._as_rows(output)
 
     def close(self) -> None:
+        super().close()
         self._session = None
 
 
@@ -328,21 +389,21 @@ class RKNNVisionEncoder(VisionEncoder):
         self._runtimes: list[Any] = []  # first, so close()/__del__ work after any failure below
         self.sdk_version: Optional[str] = None  # librknnrt's own report, read after the first init
         self.notices: list[str] = []
-        self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
-        super().__init__(tile=tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size, feed=tile_feed(layout))
         if cores not in NPU_CORE_MODES:
             raise VisionError(f"unknown NPU core mode '{cores}' (choose from {', '.join(NPU_CORE_MODES)})")
         try:
             from rknnlite.api import RKNNLite
         except ImportError as exc:
             raise RuntimeUnavailable(f"rknnlite (rknn-toolkit-lite2) cannot be imported: {exc}", hint=_RKNNLITE_HINT) from exc
-        self.cores = cores
         masks = {
             "parallel": [RKNNLite.NPU_CORE_0, RKNNLite.NPU_CORE_1, RKNNLite.NPU_CORE_2],
             "single": [RKNNLite.NPU_CORE_0],
             "all": [RKNNLite.NPU_CORE_0_1_2],
         }[cores]
+        super().__init__(tile=tile, tokens_per_tile=tokens_per_tile, hidden_size=hidden_size, feed=tile_feed(layout),
+                         workers=len(masks))
+        self.cores = cores
         self._idle: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         try:
             for i, mask in enumerate(masks):
@@ -360,8 +421,6 @@ class RKNNVisionEncoder(VisionEncoder):
                 if i == 0:
                     self._check_runtime(runtime, built_with)
                 self._idle.put(runtime)
-            if len(masks) > 1:
-                self._pool = ThreadPoolExecutor(max_workers=len(masks), thread_name_prefix="npu-core")
         except BaseException:
             self.close()
             raise
@@ -376,8 +435,10 @@ class RKNNVisionEncoder(VisionEncoder):
             self.notices.append(notice)
             log.warning(notice)
 
-    def _run(self, tile: np.ndarray) -> np.ndarray:
-        runtime = self._idle.get()  # the pool has as many threads as runtimes: one is always free
+    def encode_one(self, tile: np.ndarray) -> np.ndarray:
+        if not self._runtimes:
+            raise VisionError("the vision encoder is closed")
+        runtime = self._idle.get()  # as many workers as runtimes: one is always free
         try:
             kwargs = {"data_format": [self.feed.npu_data_format]} if self.feed.npu_data_format else {}
             outputs = runtime.inference(inputs=[self.feed.npu_input(tile)], **kwargs)
@@ -387,19 +448,10 @@ class RKNNVisionEncoder(VisionEncoder):
             raise VisionError("rknnlite inference failed on a tile (no output)")
         return self._as_rows(outputs[0])
 
-    def _encode(self, tiles: np.ndarray) -> np.ndarray:
-        if not self._runtimes:
-            raise VisionError("the vision encoder is closed")
-        if self._pool is None:
-            return np.stack([self._run(t) for t in tiles])
-        return np.stack(list(self._pool.map(self._run, tiles)))
-
     def close(self) -> None:
+        super().close()  # the workers first: no tile is running when the runtimes go
         with self._lock:
-            pool, self._pool = self._pool, None
             runtimes, self._runtimes = self._runtimes, []
-        if pool is not None:
-            pool.shutdown(wait=True)
         for runtime in runtimes:
             try:
                 runtime.release()

@@ -1,7 +1,7 @@
 """Turn image folders into vision-encoder tiles exactly as the board cuts them.
 
 Calibration must see what the NPU will see on the board, so tiles come from the board's own front end
-(`board.image_io.load_image` + `board.tiles.split_image`): same decoding, same Pillow resampling, same
+(`board.image_io.load_image` + `board.tiles.split_image`): same decoding, same resampling, same
 tile grid and global view. The same function cuts the hold-out tiles for the accuracy check.
 
 rknn-toolkit2 wants a text file listing one `.npy` per calibration sample; `write_dataset` writes it,

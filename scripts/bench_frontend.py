@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Time the board front end against transformers' processor on the same images, and check parity.
 
-Per image: ours = board.image_io.load_image + board.tiles.split_image + board.prompt.build_prompt;
-reference = PIL open + ImageOps.exif_transpose + apply_chat_template + the Idefics3 processor (what
-a transformers user runs). Both are timed from the encoded file (decode included, the figure a user
-feels) and from already-decoded pixels (the splitting and prompt work alone); median of --repeats.
+Per image: ours = what the pipeline runs (board.tiles.decode_for_tiles + cut_tiles, on the
+front-end threads, + board.prompt.build_prompt); reference = PIL open + ImageOps.exif_transpose +
+apply_chat_template + the Idefics3 processor (what a transformers user runs). Both are timed from the
+encoded file (decode included, the figure a user feels) and from already-decoded pixels
+(board.tiles.split_image: the splitting and prompt work alone); median of --repeats.
 
-Prints one JSON object. Without --images it generates its own cases (a 4032x3024 photo among them);
-with --images DIR it uses every image in DIR. The tokenizer and settings come from --model (a
-checkpoint folder or Hub id) or, by default, a tiny offline checkpoint with the family's real settings.
+Prints one JSON object. Without --images it generates its own varied corpus (camera photos, a
+rotated phone photo, documents, extreme aspect ratios, 16-bit, palette and RGBA PNGs); with --images
+DIR it uses every image in DIR. The tokenizer and settings come from --model (a checkpoint folder or
+Hub id) or, by default, a tiny offline checkpoint with the family's real settings. The machine's load
+average is recorded: on a busy machine both sides slow down, ours (threads on every big core) more.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from board.cpus import frontend_cpus, submit  # noqa: E402
 from board.image_io import load_image  # noqa: E402
 from board.prompt import build_prompt  # noqa: E402
-from board.tiles import SplitSettings, split_image  # noqa: E402
+from board.tiles import SplitSettings, TiledImage, cut_tiles, decode_for_tiles, split_image  # noqa: E402
 
 QUESTION = "Describe this image in detail."
 
@@ -54,20 +58,70 @@ def generated_cases(out_dir: Path) -> list[Path]:
                         (20, 20, 20), 2, cv2.LINE_AA)
         return p
 
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF orientation: stored sideways, shown upright (as phones write portraits)
     specs = [
         ("photo-4032x3024.jpg", photo(3024, 4032), "JPEG", {"quality": 90}),
+        ("portrait-exif6-3024x4032.jpg", photo(3024, 4032), "JPEG", {"quality": 90, "exif": rotated.tobytes()}),
         ("photo-1920x1080.jpg", photo(1080, 1920), "JPEG", {"quality": 90}),
         ("photo-640x480.jpg", photo(480, 640), "JPEG", {"quality": 90}),
         ("document-1700x2200.png", page(2200, 1700), "PNG", {}),
+        ("receipt-500x3600.png", page(3600, 500), "PNG", {}),
         ("panorama-4000x300.webp", photo(300, 4000), "WEBP", {"quality": 85}),
+        ("chart-palette-1200x800.png", Image.fromarray(photo(800, 1200)).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                                                colors=64), "PNG", {}),
         ("logo-rgba-800x600.png", np.dstack([photo(600, 800), rng.integers(0, 256, (600, 800), dtype=np.uint8)]), "PNG", {}),
     ]
     paths = []
     for name, pixels, fmt, kw in specs:
         path = out_dir / name
-        Image.fromarray(pixels).save(path, fmt, **kw)
+        (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(path, fmt, **kw)
         paths.append(path)
-    return paths
+    wide = photo(1200, 1600).astype(np.uint16) * 257  # 16 bits per sample, the low byte not just zero
+    wide += rng.integers(0, 256, wide.shape, dtype=np.uint16)
+    path = out_dir / "photo-16bit-1600x1200.png"
+    cv2.imwrite(str(path), np.ascontiguousarray(wide[:, :, ::-1]))
+    return paths + [path]
+
+
+# Resizes the front end does most, timed one thread each (CPU time, best of --repeats): the resampler's
+# per-core speed against Pillow's, apart from threads and decoding.
+RESIZES = {
+    "photo 4032x3024 -> 2048x1536": ((3024, 4032), (1536, 2048)),
+    "document 1700x2200 -> 1582x2048": ((2200, 1700), (2048, 1582)),
+    "photo 640x480 -> 2048x1536 (upscale)": ((480, 640), (1536, 2048)),
+    "global view 2048x2048 -> 512x512": ((2048, 2048), (512, 512)),
+}
+
+
+def resampler_vs_pillow(repeats: int) -> dict:
+    """board.resample (float32 and float64, one thread) against Pillow's resize, on noise (Lanczos)."""
+    from PIL import Image
+
+    from board.resample import chain, region
+
+    rng = np.random.default_rng(1)
+    out = {}
+    for name, (src, dst) in RESIZES.items():
+        img = rng.integers(0, 256, (*src, 3), dtype=np.uint8)
+        best = {}
+        for label, fn in [
+            ("pillow", lambda: Image.fromarray(img).resize(dst[::-1], Image.Resampling.LANCZOS)),
+            ("float32", lambda: region(chain(src, [dst], 1), img, (0, dst[0]), (0, dst[1]))),
+            ("float64", lambda: region(chain(src, [dst], 1, exact=True), img, (0, dst[0]), (0, dst[1]))),
+        ]:
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.thread_time()
+                fn()
+                times.append(time.thread_time() - t0)
+            best[label] = min(times)
+        out[name] = {"pillow_ms": round(best["pillow"] * 1e3, 1), "float32_ms": round(best["float32"] * 1e3, 1),
+                     "float64_ms": round(best["float64"] * 1e3, 1),
+                     "float32_speedup": round(best["pillow"] / best["float32"], 2),
+                     "float64_speedup": round(best["pillow"] / best["float64"], 2)}
+    return out
 
 
 def median_time(fn, repeats: int) -> float:
@@ -111,11 +165,13 @@ def main(argv=None) -> int:
         paths = generated_cases(work)
 
     rows, ratios, ratios_decoded = [], [], []
+    load_before = os.getloadavg()[0]
     for path in paths:
         data = path.read_bytes()
 
         def ours_from_file():
-            tiled = split_image(load_image(data), settings)
+            rgb, plan, chosen = submit(decode_for_tiles, data, settings).result()
+            tiled = TiledImage(np.stack(list(cut_tiles(rgb, plan, chosen))), plan, chosen)
             return tiled, build_prompt(messages, [tiled.plan], fmt, tokenizer, image_id)
 
         def ref_from_file():
@@ -166,6 +222,8 @@ def main(argv=None) -> int:
         "cases": len(rows),
         "model": ck.model_id if args.model else f"tiny offline {args.family} checkpoint (real splitting settings)",
         "cpu_threads": os.cpu_count(),
+        "frontend_cpus": list(frontend_cpus()[0]),
+        "load_average": [round(v, 2) for v in (load_before, os.getloadavg()[0])],  # before, after
         "input_ids_identical": all(r["input_ids_identical"] for r in rows),
         "tile_grid_identical": all(r["tile_grid_identical"] for r in rows),
         "tile_mean_abs_diff_max": max(r["tile_mean_abs_diff"] for r in rows) if diffs_ok else None,
@@ -173,6 +231,7 @@ def main(argv=None) -> int:
         "speedup_vs_reference": round(statistics.median(ratios), 2),
         "speedup_vs_reference_decoded": round(statistics.median(ratios_decoded), 2),
         "per_case": rows,
+        "resampler_vs_pillow_one_thread": resampler_vs_pillow(max(args.repeats, 5)),
     }
     print(json.dumps(result, indent=2))
     return 0 if result["input_ids_identical"] and result["tile_grid_identical"] else 1

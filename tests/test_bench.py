@@ -152,3 +152,29 @@ def test_clock_state_is_read_from_sysfs(tmp_path):
 def test_console_entry_points_are_declared():
     cfg = (ROOT / "setup.cfg").read_text()
     assert "smolvlm-bench = board.bench:main" in cfg and "smolvlm-server = board.serve:main" in cfg
+
+
+def test_simulated_npu_reports_the_overlap(bundle):
+    """--emulate --simulate-npu-ms: a scheduling model (3 cores, MS per tile each), labelled as such."""
+    from board.bench import SIMULATION_NOTE, run_bench
+
+    ms = 40.0
+    r = run_bench(bundle, emulate=True, runs=2, warmup=1, photo=(1024, 768), new_tokens=1, simulate_npu_ms=ms)
+    sim, w = r["simulated_npu"], r["workload"]
+    assert r["runtime"]["vision"] == "simulated-npu" and sim["note"] == SIMULATION_NOTE
+    assert (w["tiles"], w["image_size"], w["npu_cores_used"], sim["cores"]) == (13, [768, 1024], 3, 3)
+    assert sim["npu_alone_ms"]["min"] >= 5 * ms  # 13 tiles on 3 cores: 5 rounds at least
+    for key in ("image_encode_ms", "frontend_alone_ms"):
+        _positive_stats(r["results"][key], key)
+    encode, alone = r["results"]["image_encode_ms"]["median"], r["results"]["frontend_alone_ms"]["median"]
+    hidden = (sim["npu_alone_ms"]["median"] + alone - encode) / alone
+    assert sim["hidden_fraction"] == pytest.approx(hidden, abs=2e-3) and sim["target_met"] == (hidden >= 0.5)
+    assert isinstance(sim["overruns"], int) and sim["overruns"] >= 0
+
+
+def test_simulated_npu_needs_emulation(bundle, capsys):
+    from board.bench import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--bundle", str(bundle), "--simulate-npu-ms", "100"])
+    assert exit_.value.code == 2 and "--simulate-npu-ms needs --emulate" in capsys.readouterr().err
