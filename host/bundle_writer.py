@@ -95,7 +95,7 @@ def model_section(checkpoint: Checkpoint) -> dict[str, Any]:
         "model_type": checkpoint.model_type,
         "family": checkpoint.family,
         "tiny": checkpoint.is_tiny,
-        "note": "tiny random-weight model built offline: its answers are noise" if checkpoint.is_tiny else None,
+        "note": "tiny random-weight model built offline: its answers are noise" if checkpoint.is_tiny else checkpoint.note,
     }
 
 

