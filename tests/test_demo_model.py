@@ -20,10 +20,13 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-from test_pipeline_support import Oracle, convert_bundle, run_cli, skip_without_rknn_toolkit  # noqa: E402
+from test_pipeline_support import Oracle, convert_bundle, images, run_cli, skip_without_rknn_toolkit  # noqa: E402,F401
 
 from board.decoder import SamplingParams  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
+
+# rknn-toolkit2 imports pkg_resources (the conversion CLI silences it; here pytest would show it)
+pytestmark = pytest.mark.filterwarnings("ignore:pkg_resources is deprecated:UserWarning")
 
 CAPITAL = "What is the capital of France?"
 
@@ -136,7 +139,8 @@ def test_logits_equal_llama_cpp_and_need_the_qk_unpermutation(demo_checkpoint, g
 
     ck = load_checkpoint(demo_checkpoint)
     tokenizer, model = ck.load_tokenizer(), ck.load_model()
-    ids = tokenizer(tokenizer.apply_chat_template(user(CAPITAL), add_generation_prompt=True, tokenize=False))["input_ids"]
+    # SmolLM2's own ChatML turn: only tokens the GGUF has (the SmolVLM layout's <end_of_utterance> is added)
+    ids = tokenizer(f"<|im_start|>user\n{CAPITAL}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
     reference = llama_cpp_logits(gguf, ids)
     embeds = model.get_input_embeddings()(torch.tensor([ids]))
     ours = text_path_logits(model, embeds)[0].double().numpy()[:, : reference.shape[1]]
