@@ -82,6 +82,7 @@ QUESTIONS = (
 VOCAB_SIZE = 49280  # SmolVLM-256M's: SmolLM2's 49152 + 128 added rows
 END_OF_UTTERANCE_ID = VOCAB_SIZE - 1
 EOU_SCALE = 1.001
+BUILD = 1  # bumped when a change here changes the checkpoint (an older folder is then rebuilt)
 # SigLIP-B/16 at 512 as in SmolVLM-256M's vision_config; "small" keeps the tile, patch and
 # pixel-shuffle geometry (so every shape the board sees is the same) with a tower cheap to convert.
 VISION_SIZES = {
@@ -241,7 +242,8 @@ def build_demo_checkpoint(out_dir: str | Path, template: str = DEFAULT_TEMPLATE,
     model.generation_config.eos_token_id = end_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = save_checkpoint(model, processor, out_dir)
-    info = {"note": LABEL, "template": template, "vision": vision, "seed": seed, "source": source_info(g)}
+    info = {"note": LABEL, "build": BUILD, "template": template, "vision": vision, "seed": seed,
+            "source": source_info(g)}
     (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(model_card(info))
     return out
@@ -276,7 +278,7 @@ def is_built(out: Path, template: str, vision: str, seed: int) -> bool:
         package = f"{GGUF_PACKAGE}=={metadata.version(GGUF_PACKAGE)}"
     except metadata.PackageNotFoundError:
         return False
-    same = (info.get("template"), info.get("vision"), info.get("seed")) == (template, vision, seed)
+    same = (info.get("build"), info.get("template"), info.get("vision"), info.get("seed")) == (BUILD, template, vision, seed)
     return same and info.get("source", {}).get("package") == package
 
 

@@ -222,10 +222,10 @@ def test_cli_refuses_a_folder_that_is_not_a_demo_model(tmp_path):
 
 
 def test_answers_are_right_and_stop_by_themselves(pipeline):
-    """Simple factual questions (the 'Done when' of issue 14): right, and ended by the end-of-turn token."""
+    """Simple factual questions (capitals, opposites, colours): right, and ended by the end-of-turn token."""
     end_of_utterance = pipeline.tokenizer.token_to_id("<end_of_utterance>")
     for question, word in ((CAPITAL, "Paris"), ("What is the capital of Japan?", "Tokyo"),
-                           ("What is the opposite of hot?", "cold")):
+                           ("What is the opposite of hot?", "cold"), ("What color is grass?", "green")):
         answer = pipeline.generate(user(question), sampling=SamplingParams(max_new_tokens=48)).collect()
         assert answer.finish_reason == "stop", (question, answer.text)
         assert answer.token_ids[-1] == end_of_utterance == pipeline.bundle.eos_token_ids[0]  # as a real SmolVLM ends
