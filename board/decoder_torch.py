@@ -61,6 +61,20 @@ class IncrementalDetokenizer:
         return text[len(before):]
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword the model's forward() takes its KV cache by: `cache` in current transformers,
+    `past_key_values` before (deprecated since 5.x with a FutureWarning, removed in 5.40). Read off the
+    signature: an unknown keyword would vanish into **kwargs and silently run without the cache."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise DecoderError(f"{type(model).__name__}.forward() takes neither 'cache' nor 'past_key_values'",
+                       hint="install a transformers version the host extra allows (scripts/setup.sh)")
+
+
 class TorchDecoder:
     """A Llama-format causal LM folder run on the CPU; implements board.decoder.Decoder."""
 
@@ -106,6 +120,7 @@ class TorchDecoder:
         self.sampling = sampling.checked()
         self._tokenizer = tokenizer
         self._embed = self.model.get_input_embeddings()
+        self._cache_arg = cache_argument(self.model)
         self._cache: Any = None
         self._cached = 0  # rows in the KV cache
         self._pending: list[int] = []  # generated tokens not yet fed (they belong to the history)
@@ -165,7 +180,8 @@ class TorchDecoder:
 
         if self._cache is None:
             self._cache = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=rows[None], past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        cache = {self._cache_arg: self._cache}
+        out = self.model(inputs_embeds=rows[None], use_cache=True, logits_to_keep=1, **cache)
         self._cached += rows.shape[0]
         return out.logits[0, -1].float()
 

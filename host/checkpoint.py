@@ -17,6 +17,7 @@ from board.errors import InputError, RuntimeUnavailable
 from board.tiles import tokens_per_tile
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+DEMO_MARKER = "demo_model.json"  # written by host.demo_model; carries the label of what its answers mean
 
 # Files a conversion needs; weights and tokenizer/processor settings, nothing else from the repo.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
@@ -63,6 +64,12 @@ class Checkpoint:
     def is_tiny(self) -> bool:
         """True for the random-weight models host.tiny_model builds (their answers are noise)."""
         return (self.path / "tiny_model.json").exists()
+
+    @property
+    def note(self) -> str | None:
+        """What the answers of a model built here mean (host.demo_model's label), or None for a published one."""
+        marker = self.path / DEMO_MARKER
+        return _read_json(marker).get("note") if marker.exists() else None
 
     @property
     def family(self) -> str:

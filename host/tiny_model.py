@@ -31,10 +31,12 @@ _SMOLLM2_SPECIALS = [
     "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>",
     "<empty_output>",
 ]
-_SMOLVLM_ADDED = (
+# SmolVLM's image tokens, in id order from 49152 in the real checkpoints; their <end_of_utterance>
+# is at 49279 (host.demo_model puts it there), the tiny models add it right after these.
+SMOLVLM_IMAGE_TOKENS = (
     ["<global-img>"]
     + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    + ["<fake_token_around_image>", "<image>"]
 )
 
 # A small English corpus so the BPE learns real merges (spaces, newlines, "\n\n", digits).
@@ -104,7 +106,7 @@ def build_tokenizer():
         pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
-    fast.add_special_tokens({"additional_special_tokens": _SMOLVLM_ADDED})
+    fast.add_special_tokens({"additional_special_tokens": [*SMOLVLM_IMAGE_TOKENS, "<end_of_utterance>"]})
     fast.chat_template = SMOLVLM_CHAT_TEMPLATE
     return fast
 
@@ -123,38 +125,11 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a complete tiny SmolVLM (Idefics3) checkpoint folder and return its path."""
     import torch
-    from PIL import Image
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     fam = FAMILIES[family]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    image_processor = Idefics3ImageProcessorPil(
-        do_resize=True,
-        size={"longest_edge": fam.longest_edge},
-        max_image_size={"longest_edge": fam.tile},
-        do_image_splitting=do_image_splitting,
-        resample=Image.Resampling.LANCZOS,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_pad=True,
-        do_convert_rgb=True,
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_len=fam.image_seq_len,
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
-    )
+    processor = build_processor(tokenizer, fam, do_image_splitting=do_image_splitting)
     config = Idefics3Config(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=fam.scale_factor,
@@ -193,12 +168,48 @@ def build_tiny_checkpoint(
             p.add_(torch.randn_like(p) * 0.02)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    _write_hub_layout(out)
+    out = save_checkpoint(model, processor, out_dir)
     (out / "tiny_model.json").write_text(
         json.dumps({"note": "tiny random-weight SmolVLM built offline; its answers are noise", "family": family})
     )
+    return out
+
+
+def build_processor(tokenizer, fam: Family, *, do_image_splitting: bool = True,
+                    chat_template: str = SMOLVLM_CHAT_TEMPLATE):
+    """The reference Idefics3 processor (PIL backend) with the family's SmolVLM image settings."""
+    from PIL import Image
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=True,
+        size={"longest_edge": fam.longest_edge},
+        max_image_size={"longest_edge": fam.tile},
+        do_image_splitting=do_image_splitting,
+        resample=Image.Resampling.LANCZOS,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pad=True,
+        do_convert_rgb=True,
+    )
+    return Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=fam.image_seq_len,
+        chat_template=chat_template,
+    )
+
+
+def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
+    """Save model and processor as a checkpoint folder in the Hub's layout; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _write_hub_layout(out)
     return out
 
 

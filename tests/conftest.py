@@ -62,3 +62,26 @@ def bundle_dir() -> Path:
     if not path:
         pytest.skip(f"set {BOARD_BUNDLE_ENV} to a bundle folder made by host.convert (with decoder.rkllm)")
     return Path(path).expanduser()
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """`python -m host.demo_model OUT --vision small`, once per session: SmolLM2-135M-Instruct's real
+    language weights in SmolVLM-256M's geometry, with a small random vision tower of the same tile geometry.
+    Returns the folder; the CLI's stderr is kept in `demo_build.log` beside it."""
+    import subprocess
+
+    try:
+        from host.demo_model import gguf_path
+
+        gguf_path()
+        import gguf  # noqa: F401
+    except Exception as exc:  # the packages scripts/setup.sh installs
+        pytest.skip(f"the demo model's sources are missing ({exc}); run scripts/setup.sh")
+    out = tmp_path_factory.mktemp("demo") / "demo-model"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "host.demo_model", str(out), "--vision", "small"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out.parent / "demo_build.log").write_text(result.stderr)
+    return out
