@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-from test_pipeline_support import Oracle, convert_bundle, images, run_cli, skip_without_rknn_toolkit  # noqa: E402,F401
+from support import Oracle, convert_bundle, run_cli, skip_without_rknn_toolkit  # noqa: E402
 
 from board.decoder import SamplingParams  # noqa: E402
 from board.pipeline import Pipeline  # noqa: E402
@@ -263,26 +263,32 @@ def test_streamed_pieces_are_whole_utf8_characters(pipeline):
 
 def test_stop_strings_cut_a_real_answer(pipeline):
     """The server's worker with a stop string that spans tokens: cut before it, finish 'stop', generation aborted."""
+    import multiprocessing
+    import threading
+
     from board.openai_schemas import Limits, parse_chat_request
-    from board.serve import Job, Worker
+    from board.serve_worker import Finished, Run, Stop, Text, _ChildWorker
 
     full = pipeline.generate(user(CAPITAL), sampling=SamplingParams(max_new_tokens=48)).collect()
     assert "France is Paris" in full.text
-    worker = Worker(pipeline, max_queue=2, max_tiles=None)
+    server_end, worker_end = multiprocessing.Pipe()
+    worker = threading.Thread(target=_ChildWorker(pipeline, worker_end).run, daemon=True)  # in-process, same protocol
+    worker.start()
     try:
+        server_end.recv()  # Loaded
         body = {"model": "m", "messages": [{"role": "user", "content": CAPITAL}], "stop": ["is Par"], "max_tokens": 48}
-        job = Job(parse_chat_request(body, default_sampling=SamplingParams(), limits=Limits()))
-        worker.submit(job)
-        events = [job.events.get(timeout=120)]
-        while events[-1][0] not in ("done", "error"):
-            events.append(job.events.get(timeout=120))
+        server_end.send(Run(1, parse_chat_request(body, default_sampling=SamplingParams(), limits=Limits())))
+        events = [server_end.recv()]
+        while not isinstance(events[-1], Finished):
+            assert server_end.poll(120), events
+            events.append(server_end.recv())
     finally:
-        worker.stop()
-    assert events[-1][0] == "done", events[-1]
-    text = "".join(value for kind, value in events if kind == "text")
+        server_end.send(Stop())
+        worker.join(60)
+    text = "".join(e.text for e in events if isinstance(e, Text))
     assert text == full.text.lstrip(" ")[: full.text.lstrip(" ").find("is Par")]
-    assert events[-1][1]["finish_reason"] == "stop"
-    assert events[-1][1]["completion_tokens"] < len(full.token_ids)
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].completion_tokens < len(full.token_ids)
 
 
 def test_emulation_raises_no_warnings(pipeline):
