@@ -100,7 +100,7 @@ def model_section(checkpoint: Checkpoint) -> dict[str, Any]:
         K.MODEL_TYPE: checkpoint.model_type,
         K.FAMILY: checkpoint.family,
         K.TINY: checkpoint.is_tiny,
-        K.NOTE: "tiny random-weight model built offline: its answers are noise" if checkpoint.is_tiny else checkpoint.note,
+        K.NOTE: checkpoint.note,
     }
 
 

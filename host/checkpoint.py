@@ -18,6 +18,7 @@ from board.tiles import tokens_per_tile
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEMO_MARKER = "demo_model.json"  # written by host.demo_model; carries the label of what its answers mean
+TINY_MARKER = "tiny_model.json"  # written by host.tiny_model; carries the same kind of label
 
 # Files a conversion needs; weights and tokenizer/processor settings, nothing else from the repo.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
@@ -63,13 +64,16 @@ class Checkpoint:
     @property
     def is_tiny(self) -> bool:
         """True for the random-weight models host.tiny_model builds (their answers are noise)."""
-        return (self.path / "tiny_model.json").exists()
+        return (self.path / TINY_MARKER).exists()
 
     @property
     def note(self) -> str | None:
-        """What the answers of a model built here mean (host.demo_model's label), or None for a published one."""
-        marker = self.path / DEMO_MARKER
-        return _read_json(marker).get("note") if marker.exists() else None
+        """What the answers of a model built here mean (the label host.demo_model or host.tiny_model wrote),
+        or None for a published one."""
+        for marker in (self.path / DEMO_MARKER, self.path / TINY_MARKER):
+            if marker.exists():
+                return _read_json(marker).get("note")
+        return None
 
     @property
     def family(self) -> str:

@@ -621,6 +621,7 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         "bundle": str(root),
         "model": ck.model_id,
         "tiny": ck.is_tiny,
+        "note": ck.note,
         "decoder": B.DECODER_RKLLM if rkllm else "skipped (--skip-decoder)",
         "board_mb": written["board_mb"],
         "max_context": max_context,
@@ -638,7 +639,7 @@ def convert(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     lines = [f"\nbundle: {summary['bundle']}  ({summary['board_mb']} MB for the board"
-             + (", tiny random-weight model: answers are noise)" if summary["tiny"] else ")")]
+             + (f"; {summary['note']})" if summary["note"] else ")")]
     lines.append(f"{'stage':<16} {'status':<28} {'seconds':>8} {'peak RSS MB':>12}")
     for name in STAGES:
         row = summary["stages"].get(name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from board.tiles import tokens_per_tile
+from host.checkpoint import TINY_MARKER
 
 # The chat template the SmolVLM checkpoints ship (chat_template.json), verbatim.
 SMOLVLM_CHAT_TEMPLATE = (
@@ -169,7 +170,7 @@ def build_tiny_checkpoint(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = save_checkpoint(model, processor, out_dir)
-    (out / "tiny_model.json").write_text(
+    (out / TINY_MARKER).write_text(
         json.dumps({"note": "tiny random-weight SmolVLM built offline; its answers are noise", "family": family})
     )
     return out

@@ -203,3 +203,23 @@ def test_self_check_refuses_a_bundle_that_does_not_reproduce_the_reference(first
     job = convert.Job(args, out, convert.Log(quiet=True))
     with pytest.raises(convert.SelfCheckError, match="token ids"):
         convert.stage_self_check(job)
+
+
+def test_summary_says_what_the_answers_mean(tmp_path, capsys):
+    """The label a built model carries (tiny: noise; demo: untrained vision) is the manifest's note and the
+    first line of convert's summary; a published checkpoint has none."""
+    from host.checkpoint import load_checkpoint
+    from host.tiny_model import build_tiny_checkpoint
+
+    ck = load_checkpoint(str(build_tiny_checkpoint(tmp_path / "tiny", "256m")))
+    assert ck.is_tiny and "noise" in ck.note
+    from host.bundle_writer import model_section
+
+    assert model_section(ck)[S.Model.NOTE] == ck.note
+    capsys.readouterr()  # the checkpoint builder's progress
+    summary = {"bundle": "out", "board_mb": 1.0, "note": ck.note, "stages": {}, "total_seconds": 0.0,
+               "peak_rss_mb": 1.0, "vision_accuracy": {"cosine_min": 1.0}, "decoder": "skipped"}
+    convert.print_summary(summary)
+    assert ck.note in capsys.readouterr().err.splitlines()[1]
+    convert.print_summary({**summary, "note": None})
+    assert capsys.readouterr().err.splitlines()[1] == "bundle: out  (1.0 MB for the board)"
