@@ -8,7 +8,8 @@
 Each line: `image` (the path relative to the folder, or to the glob's fixed part), `answer`,
 `finish_reason` (stop | length), `tiles`, `ms` (per-stage milliseconds), `tokens`, `error` (null, or
 why the file could not be read: such a file gets its line and the batch goes on), then what the
-line is keyed by: `size`, `mtime_ns` and `settings` (model, prompt, max_tiles, max_new_tokens).
+line is keyed by: `size`, `mtime_ns` and `settings` (model, prompt, max_tiles, max_new_tokens, and
+vision_fallback when it is used).
 
 Why it is safe to stop and rerun: each line is appended (one write, flushed and fsynced) as its image
 finishes, so the file only ever holds whole answers; a rerun skips the images whose path, size and
@@ -58,7 +59,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # What a folder is searched for (a glob takes whatever it matches): the formats board.image_io reads.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 API_KEY_ENV = "SMOLVLM_API_KEY"  # the variable board/serve.py reads its key from
-SETTING_KEYS = ("model", "prompt", "max_tiles", "max_new_tokens")
+SETTING_KEYS = ("model", "prompt", "max_tiles", "max_new_tokens", "vision_fallback")  # the last only when set
 MAX_RETRY_AFTER_S = 60.0
 
 
@@ -666,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     local.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel",
                        help="vision NPU core mode (as board/run.py)")
+    local.add_argument("--vision-fallback", action="store_true", help="the bundle's fallback vision model (fp16, "
+                       "conv input layout) instead of the main one, as the board doctor may advise")
     remote = parser.add_argument_group("with --server")
     remote.add_argument("--concurrency", type=int, default=2, metavar="N", help="requests in flight (2: one "
                         "running, one uploaded and waiting; about 2 per board behind a load balancer)")
@@ -691,6 +694,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      "--max-tiles sets the budget otherwise")
     if args.bundle and (args.model or args.api_key):
         parser.error("--model and --api-key go with --server")
+    if args.server and args.vision_fallback:
+        parser.error("--vision-fallback goes with --bundle (a server chooses its vision model: serve.py "
+                     "--vision-fallback)")
     if not args.prompt.strip():
         parser.error("--prompt is empty")
 
@@ -715,6 +721,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             say(f"notice: {notice}")
         settings = {"model": None, "prompt": args.prompt, "max_tiles": args.max_tiles,
                     "max_new_tokens": args.max_new_tokens}
+        if args.vision_fallback:  # only when set, so files written before the option still resume
+            settings["vision_fallback"] = True
         if not args.force:
             results.check_settings(settings, ignore=("model",))  # before loading anything
         if args.server:
@@ -729,7 +737,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from board.pipeline import Pipeline
 
             pipeline = Pipeline(args.bundle, emulate=args.emulate, verify=not args.no_verify,
-                                npu_cores=args.npu_cores, max_tiles=args.max_tiles)
+                                npu_cores=args.npu_cores, max_tiles=args.max_tiles,
+                                vision_fallback=args.vision_fallback)
             runner = LocalRunner(pipeline, args.prompt, max_tiles=args.max_tiles, max_new_tokens=args.max_new_tokens)
         settings["model"] = runner.model
         if not args.force:

@@ -548,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-cache-mb", type=float, default=256, metavar="MB",
                         help="memory for the encodings of recently seen images (256)")
     parser.add_argument("--npu-cores", choices=NPU_CORE_MODES, default="parallel", help="vision NPU core mode")
+    parser.add_argument("--vision-fallback", action="store_true", help="use the bundle's fallback vision model "
+                        "(fp16, Rockchip's conv input layout; host.convert --vision-fallback) instead of the main "
+                        "one, as the board doctor may advise")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     parser.add_argument("--quiet", action="store_true", help="no access log")
     return parser
@@ -597,6 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:  # the manifest only (the worker verifies and loads the files): a bad bundle fails before listening
         bundle = Bundle.open(args.bundle, verify=False, need_decoder=not args.emulate)
+        bundle.vision_model(args.vision_fallback)  # a --vision-fallback the bundle cannot honour fails here
     except SmolVLMError as err:
         say(f"error: {err}")
         return 1
@@ -605,7 +609,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     config = config_from_args(args, bundle.max_context)
     spec = WorkerSpec(str(Path(args.bundle).expanduser().resolve()), emulate=args.emulate, verify=not args.no_verify,
-                      npu_cores=args.npu_cores, max_tiles=args.max_tiles, control_tokens=args.control_tokens,
+                      npu_cores=args.npu_cores, vision_fallback=args.vision_fallback, max_tiles=args.max_tiles,
+                      control_tokens=args.control_tokens,
                       cache_bytes=int(args.vision_cache_mb * (1 << 20)))
     try:
         server = Server(config, spec, model=config.model_name or model_slug(bundle.model_id),

@@ -53,6 +53,7 @@ class WorkerSpec:
     emulate: bool = False
     verify: bool = True
     npu_cores: str = "parallel"
+    vision_fallback: bool = False
     max_tiles: Optional[int] = None
     control_tokens: str = "text"
     cache_bytes: int = 256 << 20
@@ -145,7 +146,8 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
         from .pipeline import Pipeline
 
         pipeline = Pipeline(spec.bundle, emulate=spec.emulate, verify=spec.verify, npu_cores=spec.npu_cores,
-                            max_tiles=spec.max_tiles, control_tokens=spec.control_tokens,
+                            vision_fallback=spec.vision_fallback, max_tiles=spec.max_tiles,
+                            control_tokens=spec.control_tokens,
                             cache_bytes=spec.cache_bytes)
     except SmolVLMError as err:
         conn.send(LoadFailed(str(err)))

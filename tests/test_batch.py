@@ -132,6 +132,10 @@ def test_results_file_rules(tmp_path):
     assert err.value.status == batch.EXIT_USAGE
     results.check_settings({**settings, "model": None}, ignore=("model",))
 
+    with pytest.raises(BatchError, match="vision_fallback None \\(this run: True\\)"):
+        results.check_settings({**settings, "vision_fallback": True})  # another vision model: other answers
+    assert results.done_keys({**settings, "vision_fallback": True}) == set()
+
     out.write_text(whole)  # a whole last line without its newline (edited by hand) is kept
     assert len(Results(out).records) == 1 and out.read_text() == whole + "\n"
 
@@ -151,6 +155,19 @@ def test_help_explains():
         assert words in done.stdout
     listed = subprocess.run([sys.executable, "-m", "board", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "python -m board batch" in listed.stdout
+
+
+def test_vision_fallback_is_a_local_option_the_bundle_must_have(bundle, folder, tmp_path):
+    out = tmp_path / "r.jsonl"
+    refused = subprocess.run([sys.executable, "-m", "board", "batch", "--server", "http://127.0.0.1:9",
+                              "--vision-fallback", "--images", str(folder), "--prompt", Q, "--out", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == batch.EXIT_USAGE and "--vision-fallback goes with --bundle" in refused.stderr
+    missing = subprocess.run([sys.executable, "-m", "board", "batch", "--bundle", str(bundle), "--emulate",
+                              "--vision-fallback", "--images", str(folder), "--prompt", Q, "--out", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == batch.EXIT_ERROR and "Traceback" not in missing.stderr
+    assert "no fallback vision model" in missing.stderr and not out.exists()
 
 
 # -- on this machine --------------------------------------------------------------------------

@@ -232,3 +232,35 @@ def test_sigterm_while_loading_exits_0_at_once(bundle):
     t0 = time.monotonic()
     assert proc.stop() == 0, proc.output()
     assert time.monotonic() - t0 < 10 and "Traceback" not in proc.output()
+
+
+def test_vision_fallback_reaches_the_worker_or_fails_before_listening(bundle, tmp_path, monkeypatch):
+    """--vision-fallback (what the board doctor may advise) is honoured by the server's worker; a bundle
+    converted without the fallback model is refused in one line before the port opens."""
+    result = _serve("--bundle", str(bundle), "--emulate", "--vision-fallback", "--port", "0", timeout=60)
+    _one_error(result, "no fallback vision model")
+    assert "bound to" not in result.stderr
+
+    from board import bundle_schema as S
+    from board import serve
+
+    with_fallback = tmp_path / "bundle"
+    shutil.copytree(bundle, with_fallback)
+    manifest = json.loads((with_fallback / "manifest.json").read_text())
+    vision, F = manifest["vision"], S.VisionFallback
+    # the server reads only the manifest before its worker starts: a fallback entry naming the main
+    # model's files is enough to see where the option goes
+    vision[S.Vision.FALLBACK] = {F.FILE: vision[S.Vision.FILE], F.ONNX: vision[S.Vision.ONNX], F.DTYPE: "fp16",
+                                 F.LAYOUT: "conv"}
+    (with_fallback / "manifest.json").write_text(json.dumps(manifest))
+    specs = []
+
+    class Refused:
+        def __init__(self, config, spec, **kwargs):
+            specs.append(spec)
+            raise OSError("stop here")
+
+    monkeypatch.setattr(serve, "Server", Refused)
+    for flags, expected in (([], False), (["--vision-fallback"], True)):
+        assert serve.main(["--bundle", str(with_fallback), "--emulate", "--port", "0", *flags]) == 1
+        assert specs[-1].vision_fallback is expected
