@@ -52,13 +52,13 @@ from tqdm import tqdm
 
 from board.errors import ImageError, InputError, SmolVLMError
 from board.image_io import load_image, read_bytes
+from board.openai_schemas import API_KEY_ENV
 from board.prompt import drop_leading_space
 from board.vision import NPU_CORE_MODES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # What a folder is searched for (a glob takes whatever it matches): the formats board.image_io reads.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-API_KEY_ENV = "SMOLVLM_API_KEY"  # the variable board/serve.py reads its key from
 SETTING_KEYS = ("model", "prompt", "max_tiles", "max_new_tokens", "vision_fallback")  # the last only when set
 MAX_RETRY_AFTER_S = 60.0
 

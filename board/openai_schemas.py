@@ -67,6 +67,9 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
 
 
+API_KEY_ENV = "SMOLVLM_API_KEY"  # the variable serve.py reads its key from, and batch --server sends
+
+
 def error_body(message: str, *, type: str, code: Optional[str] = None, param: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

@@ -60,6 +60,7 @@ from starlette.routing import Route  # noqa: E402
 from board.decoder import SamplingParams  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.openai_schemas import (  # noqa: E402
+    API_KEY_ENV,
     APIError,
     ChatRequest,
     Limits,
@@ -75,11 +76,21 @@ from board.openai_schemas import (  # noqa: E402
 from board.prompt import CONTROL_TOKEN_POLICIES  # noqa: E402
 from board.serve_http import BODY_CUT, Protocol  # noqa: E402
 from board.serve_metrics import Metrics  # noqa: E402
-from board.serve_worker import HANG_S, Failed, Finished, Job, Loaded, Started, Supervisor, Text, WorkerSpec  # noqa: E402
+from board.serve_worker import (  # noqa: E402
+    HANG_S,
+    RETRY_LOADING_S,
+    Failed,
+    Finished,
+    Job,
+    Loaded,
+    Started,
+    Supervisor,
+    Text,
+    WorkerSpec,
+)
 from board.tiles import check_tile_budget  # noqa: E402
 from board.vision import NPU_CORE_MODES  # noqa: E402
 
-API_KEY_ENV = "SMOLVLM_API_KEY"
 SEQ_HEADER = "X-SmolVLM-Seq"  # the order in which the NPU worker started this request (1, 2, ...)
 # A request refused before its body was read has the body read and dropped (up to this size and
 # time) before the connection closes, so a client that sends it all before reading gets the error.
@@ -283,7 +294,7 @@ class App:
         status = self.supervisor.status()
         ready = status["state"] == "ready"
         body = {"status": "ok" if ready else status["state"], "model": self.model, "backend": self.backend, **status}
-        headers = None if ready else {"Retry-After": "5"}
+        headers = None if ready else {"Retry-After": str(RETRY_LOADING_S)}
         return _json(body, 200 if ready else 503, headers)
 
     async def prometheus(self, request: Request) -> Response:

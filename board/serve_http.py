@@ -27,13 +27,15 @@ from typing import Any, Optional
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .openai_schemas import error_body
+
 BODY_CUT = "smolvlm.body_cut"  # scope key: the client closed its end before the body was complete
 _PROBE_DELAYS = (0.1, 1.0)  # after the first probe; then every _PROBE_DELAYS[-1] seconds
 
 
 def error_bytes(status: int, reason: str, message: str, code: str, *, type: str = "invalid_request_error") -> bytes:
     """A complete HTTP/1.1 error response (OpenAI's shape), closing the connection."""
-    body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
+    body = json.dumps(error_body(message, type=type, code=code)).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode()
     return head + body

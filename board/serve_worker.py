@@ -78,10 +78,8 @@ class Stop:
 @dataclass(frozen=True)
 class Loaded:
     pid: int
-    model: str
     max_context: int
     max_token_chars: int  # the longest token's text: a prompt of n tokens has at most n times this many characters
-    description: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -115,16 +113,11 @@ class Failed:
     job: int
     status: int
     message: str
-    type: str
     code: str
     retry_after: Optional[int] = None
 
-    @classmethod
-    def of(cls, job: int, err: APIError) -> "Failed":
-        return cls(job, err.status, err.message, err.type, err.code, err.retry_after)
-
     def error(self) -> APIError:
-        return APIError(self.status, self.message, type=self.type, code=self.code, retry_after=self.retry_after)
+        return APIError(self.status, self.message, code=self.code, retry_after=self.retry_after)
 
 
 ToWorker = Union[Run, Cancel, Stop]
@@ -207,22 +200,18 @@ class _ChildWorker:
     def run(self) -> None:
         tokenizer = self.pipeline.tokenizer
         longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
-        self.conn.send(Loaded(os.getpid(), self.pipeline.bundle.model_id, self.pipeline.max_context, longest,
-                              self.pipeline.describe()))
+        self.conn.send(Loaded(os.getpid(), self.pipeline.max_context, longest))
         while (run := self.runs.get()) is not None:
             with self.lock:
                 self.current = run.job
             try:
                 self.conn.send(self._serve(run))
-            except APIError as err:
-                self.conn.send(Failed.of(run.job, err))
             except InputError as err:
-                self.conn.send(Failed(run.job, 400, _message(err), "invalid_request_error", err.code))
+                self.conn.send(Failed(run.job, 400, _message(err), err.code))
             except SmolVLMError as err:
-                self.conn.send(Failed(run.job, 500, _message(err), "server_error", err.code))
+                self.conn.send(Failed(run.job, 500, _message(err), err.code))
             except Exception as err:  # noqa: BLE001 - a bug fails this request, not the worker
-                self.conn.send(Failed(run.job, 500, f"internal error: {type(err).__name__}: {err}", "server_error",
-                                      "internal_error"))
+                self.conn.send(Failed(run.job, 500, f"internal error: {type(err).__name__}: {err}", "internal_error"))
             finally:
                 with self.lock:
                     self.current = None
@@ -293,7 +282,6 @@ class Supervisor:
         self.metrics = metrics
         self.on_loaded, self.on_failed = on_loaded, on_failed
         self.state = "loading"
-        self.info: Optional[Loaded] = None
         self.restarts = 0
         self.counts = {"served": 0, "aborted": 0, "failed": 0}
         self._queue: Deque[Job] = collections.deque()
@@ -346,9 +334,7 @@ class Supervisor:
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # noqa: BLE001 - an unreadable message: treat the worker as broken
+            except Exception:  # noqa: BLE001 - the worker is gone (EOFError, OSError) or sent an unreadable message
                 break
             try:
                 loop.call_soon_threadsafe(self._on_message, generation, message)
@@ -452,7 +438,7 @@ class Supervisor:
         if generation != self._generation:
             return
         if isinstance(message, Loaded):
-            self.info, self._loaded = message, True
+            self._loaded = True
             if self.state in ("loading", "restarting"):
                 self.state = "ready"
             if self.metrics is not None:
@@ -478,7 +464,7 @@ class Supervisor:
                 self._finish(job, None, "aborted")
             elif cut == "shutdown":
                 self._finish(job, Failed(job.id, 503, "the server is shutting down; the answer was cut short",
-                                         "server_error", "server_shutting_down", RETRY_STOPPING_S), "aborted")
+                                         "server_shutting_down", RETRY_STOPPING_S), "aborted")
             elif cut == "timeout":
                 self._finish(job, replace(message, finish_reason="length"), "served")
             else:
@@ -497,7 +483,7 @@ class Supervisor:
     def _fail_loading(self, message: str) -> None:
         self.state = "failed"
         for job in list(self._queue):
-            self._finish(job, Failed(job.id, 503, message, "server_error", "model_load_failed"), "failed")
+            self._finish(job, Failed(job.id, 503, message, "model_load_failed"), "failed")
         self._queue.clear()
         self.on_failed(message)
 
@@ -520,8 +506,7 @@ class Supervisor:
         self._running = None
         self._queue.clear()
         for job in lost:
-            self._finish(job, Failed(job.id, 503, f"{reason}; retry", "server_error", "worker_crashed",
-                                     RETRY_LOADING_S), "failed")
+            self._finish(job, Failed(job.id, 503, f"{reason}; retry", "worker_crashed", RETRY_LOADING_S), "failed")
         if self.metrics is not None:
             self.metrics.worker_restarts.inc()
         self._gauge()
@@ -541,8 +526,8 @@ class Supervisor:
             return
         self.state = "stopping"
         for job in list(self._queue):
-            self._finish(job, Failed(job.id, 503, "the server is shutting down", "server_error",
-                                     "server_shutting_down", RETRY_STOPPING_S), "aborted")
+            self._finish(job, Failed(job.id, 503, "the server is shutting down", "server_shutting_down",
+                                     RETRY_STOPPING_S), "aborted")
         self._queue.clear()
         self._gauge()
         job = self._running
