@@ -54,6 +54,7 @@ from board.errors import ImageError, InputError, SmolVLMError
 from board.image_io import load_image, read_bytes
 from board.openai_schemas import API_KEY_ENV
 from board.prompt import drop_leading_space
+from board.tiles import check_tile_budget
 from board.vision import NPU_CORE_MODES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -687,8 +688,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.retries < 0 or args.timeout <= 0:
         parser.error("--retries must be 0 or more and --timeout positive")
-    if args.max_tiles is not None and args.max_tiles < 1:
-        parser.error("--max-tiles must be at least 1 (1 = no splitting)")
+    try:
+        check_tile_budget(args.max_tiles)
+    except InputError as err:
+        parser.error(f"--max-tiles: {err}")
     if args.server and args.max_tiles not in (None, 1):
         parser.error("with --server, --max-tiles can only be 1 (the API's detail 'low'); the server's own "
                      "--max-tiles sets the budget otherwise")
@@ -743,7 +746,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings["model"] = runner.model
         if not args.force:
             results.check_settings(settings)
-        already = len(items) - len([i for i in items if i.key not in results.done_keys(settings)])
+        done = results.done_keys(settings)
+        already = sum(item.key in done for item in items)
         others = f" ({ignored} other file{'s' if ignored > 1 else ''} ignored)" if ignored else ""
         say(f"batch: {len(items)} images in {args.images}{others}; {already} already in {args.out}, "
             f"{len(items) - already} to do; {runner.describe}")
