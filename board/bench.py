@@ -272,13 +272,11 @@ def text_ids(pipeline: Any, n: int = TEXT_TOKENS) -> np.ndarray:
 
 def frontend_alone(image_bytes: bytes, settings: Any) -> tuple[float, np.ndarray, list[int]]:
     """Decode + split of one image with nothing else running, as the pipeline does them: (ms, tiles, size)."""
-    from board.cpus import submit
-    from board.tiles import cut_tiles, decode_for_tiles
+    from board.tiles import split_bytes
 
     start = time.perf_counter()
-    rgb, plan, chosen = submit(decode_for_tiles, image_bytes, settings, None).result()
-    tiles = np.stack(list(cut_tiles(rgb, plan, chosen)))
-    return (time.perf_counter() - start) * 1e3, tiles, list(plan.source)
+    tiled = split_bytes(image_bytes, settings)
+    return (time.perf_counter() - start) * 1e3, tiled.tiles, list(tiled.plan.source)
 
 
 def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, warmup: int = 1,

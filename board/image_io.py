@@ -189,7 +189,12 @@ def load_image(
     asks for it, where the result stays within the parity tolerance.
     """
     data = read_bytes(source, max_bytes=max_bytes)
-    info = probe(data, max_pixels=max_pixels)
+    return decode(data, probe(data, max_pixels=max_pixels), reduce=reduce)
+
+
+def decode(data: bytes, info: ImageInfo, *, reduce: int = 1) -> np.ndarray:
+    """load_image for bytes already read and probed (`info` = probe(data)): the caller that needed the
+    header first does not read it twice."""
     if info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES:
         rgb = _decode_opencv(data, reduce if info.format == "JPEG" and info.mode in _REDUCIBLE_MODES else 1)
     else:

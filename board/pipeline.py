@@ -480,10 +480,6 @@ class Pipeline:
         """One image through decoding, splitting and the vision encoder (or from the session cache)."""
         return self.encode_media([source], None, timings, max_tiles)[1][0]
 
-    def encode_video(self, path: Union[str, Path], timings: Timings) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
-        """A video file (SmolVLM2 bundles) as content items and one encoded frame per image placeholder."""
-        return self.encode_media([], path, timings)
-
     def encode_media(self, images: Sequence[ImageInput], video: Optional[Union[str, Path]], timings: Timings,
                      max_tiles: Optional[int] = None) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
         """Content items and encodings for a message's video (first) and images (then), in prompt order.

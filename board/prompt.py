@@ -86,7 +86,6 @@ def normalize_content(content: Union[str, Sequence[Mapping[str, Any]]]) -> list[
 
 def render_chat(
     messages: Sequence[Message], fmt: PromptFormat, *, add_generation_prompt: bool = True, continuation: bool = False,
-    control_tokens: str = "special",
 ) -> str:
     """The chat template's text, with one image token per image placeholder.
 
@@ -94,7 +93,7 @@ def render_chat(
     conversation the decoder already holds.
     """
     return "".join(piece for piece, _ in render_parts(messages, fmt, add_generation_prompt=add_generation_prompt,
-                                                       continuation=continuation, control_tokens=control_tokens))
+                                                       continuation=continuation))
 
 
 def render_parts(
@@ -145,13 +144,9 @@ def image_text(plan: TilePlan, fmt: PromptFormat) -> str:
     return "".join(rows) + "\n" + global_part
 
 
-def expand_images(text: str, plans: Sequence[TilePlan], fmt: PromptFormat) -> str:
-    """Replace each image token of the rendered template with its image's expansion, in order."""
-    return "".join(piece for piece, _ in expand_parts([(text, False)], plans, fmt))
-
-
 def expand_parts(parts: Sequence[tuple[str, bool]], plans: Sequence[TilePlan], fmt: PromptFormat) -> list[tuple[str, bool]]:
-    """expand_images on render_parts' pieces: only the template's image tokens are expanded."""
+    """Replace each of the template's image tokens in render_parts' pieces with its image's expansion
+    (image_text), in order; message text is left as it is."""
     found = sum(piece.count(fmt.image_token) for piece, is_text in parts if not is_text)
     if found != len(plans):
         raise PromptError(

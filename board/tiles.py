@@ -31,7 +31,7 @@ from PIL import Image
 
 from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
-from .image_io import load_image, probe
+from .image_io import decode, probe
 from .resample import chain, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
@@ -278,6 +278,13 @@ def split_image(rgb: np.ndarray, settings: SplitSettings, *, exact: bool = False
     return TiledImage(np.stack(list(cut_tiles(rgb, plan, settings, exact=exact))), plan, settings)
 
 
+def split_bytes(data: bytes, settings: SplitSettings, max_tiles: Optional[int] = None) -> TiledImage:
+    """An image file's tiles, stacked, as the pipeline makes them (decode_for_tiles on a front-end
+    thread, then cut_tiles); for measuring and checking the front end whole."""
+    rgb, plan, chosen = submit(decode_for_tiles, data, settings, max_tiles).result()
+    return TiledImage(np.stack(list(cut_tiles(rgb, plan, chosen))), plan, chosen)
+
+
 def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact: bool = False) -> Iterator[np.ndarray]:
     """The plan's tiles [T, T, 3] in order, each as soon as it is ready: the grid row by row, then the
     global view (a single tile when the plan has no grid).
@@ -301,21 +308,23 @@ def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact
     else:  # Pillow itself, on whole images
         steps, source = [], resize(resize(rgb, plan.resized, filt), plan.padded, filt)
     # the first tile in row bands, one per thread: it is the one the NPU waits for
-    bands = [round(T * i / frontend_threads()) for i in range(frontend_threads() + 1)]
-    jobs = [[submit(region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T))
-             for a, b in (zip(bands[:-1], bands[1:]) if r == c == 0 else [(0, T)])]
+    threads = frontend_threads()
+    edges = [round(T * i / threads) for i in range(threads + 1)]
+    first_bands, whole = list(zip(edges[:-1], edges[1:])), [(0, T)]
+    jobs = [[((a, b), submit(region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T)))
+             for a, b in (first_bands if r == c == 0 else whole)]
             for r in range(plan.rows) for c in range(plan.cols)]
     padded = np.empty((*plan.padded, 3), np.uint8)
     try:
         for i, parts in enumerate(jobs):
             r, c = divmod(i, plan.cols)
             tile = padded[r * T:r * T + T, c * T:c * T + T]
-            for (a, b), job in zip(zip(bands[:-1], bands[1:]) if len(parts) > 1 else [(0, T)], parts):
+            for (a, b), job in parts:
                 tile[a:b] = job.result()
             yield np.ascontiguousarray(tile)
     finally:
         for parts in jobs:  # the caller stopped early: drop what has not started
-            for job in parts:
+            for _, job in parts:
                 job.cancel()
     yield resize(padded, (T, T), filt, exact=exact)
 
@@ -336,7 +345,8 @@ def jpeg_reduction(source: tuple[int, int], target: tuple[int, int]) -> int:
 
 def decode_for_tiles(data: bytes, settings: SplitSettings,
                      max_tiles: Optional[int] = None) -> tuple[np.ndarray, TilePlan, SplitSettings]:
-    """Decode an image file for splitting: (pixels, plan, settings within the tile budget).
+    """Decode an image file (`data` as board.image_io.read_bytes returned it, so within the size limit)
+    for splitting: (pixels, plan, settings within the tile budget).
 
     The plan comes from the header's (upright) size, before any pixel is decoded, so a JPEG can be
     decoded straight to a fraction of its size where jpeg_reduction allows (a 48 MP photo, or a
@@ -347,4 +357,4 @@ def decode_for_tiles(data: bytes, settings: SplitSettings,
     chosen = budget_settings(settings, *upright, max_tiles)
     plan = plan_tiles(*upright, chosen)
     reduction = jpeg_reduction(upright, plan.resized) if chosen.do_resize else 1
-    return load_image(data, reduce=reduction), plan, chosen
+    return decode(data, info, reduce=reduction), plan, chosen

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time the board front end against transformers' processor on the same images, and check parity.
 
-Per image: ours = what the pipeline runs (board.tiles.decode_for_tiles + cut_tiles, on the
+Per image: ours = what the pipeline runs (board.tiles.split_bytes: decode_for_tiles + cut_tiles, on the
 front-end threads, + board.prompt.build_prompt); reference = PIL open + ImageOps.exif_transpose +
 apply_chat_template + the Idefics3 processor (what a transformers user runs). Both are timed from the
 encoded file (decode included, the figure a user feels) and from already-decoded pixels
@@ -30,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from board.cpus import frontend_cpus, submit  # noqa: E402
+from board.cpus import frontend_cpus  # noqa: E402
 from board.image_io import load_image  # noqa: E402
 from board.prompt import build_prompt  # noqa: E402
-from board.tiles import SplitSettings, TiledImage, cut_tiles, decode_for_tiles, split_image  # noqa: E402
+from board.tiles import SplitSettings, split_bytes, split_image  # noqa: E402
 
 QUESTION = "Describe this image in detail."
 
@@ -170,8 +170,7 @@ def main(argv=None) -> int:
         data = path.read_bytes()
 
         def ours_from_file():
-            rgb, plan, chosen = submit(decode_for_tiles, data, settings).result()
-            tiled = TiledImage(np.stack(list(cut_tiles(rgb, plan, chosen))), plan, chosen)
+            tiled = split_bytes(data, settings)
             return tiled, build_prompt(messages, [tiled.plan], fmt, tokenizer, image_id)
 
         def ref_from_file():
