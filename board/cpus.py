@@ -22,8 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
+from .system_checks import SOC_COMPATIBLE, SystemPaths, soc_compatible
+
 CPU_ROOT = Path("/sys/devices/system/cpu")
-DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
+DEVICE_TREE_COMPATIBLE = SystemPaths().device_tree_compatible
 # The RK3588's Cortex-A76 cores, for a kernel that does not tell the clusters apart.
 RK3588_BIG_CORES = (4, 5, 6, 7)
 # What says how fast a core is, best first.
@@ -45,13 +47,10 @@ def _read_int(path: Path) -> Optional[int]:
 
 
 def _is_rk3588(device_tree: Path) -> bool:
-    from .system_checks import SOC_COMPATIBLE
-
     try:
-        compatible = device_tree.read_bytes().split(b"\0")
+        return any(c in SOC_COMPATIBLE for c in soc_compatible(device_tree))
     except OSError:
         return False
-    return any(c.decode("ascii", "replace") in SOC_COMPATIBLE for c in compatible)
 
 
 def big_cores(cpu_root: Path = CPU_ROOT, device_tree: Path = DEVICE_TREE_COMPATIBLE) -> Optional[tuple[int, ...]]:

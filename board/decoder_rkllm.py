@@ -93,6 +93,10 @@ def _complete_utf8_prefix(data: bytes) -> int:
 # from the worker thread once rkllm_run has returned.
 
 
+# enabled_cpus' default: board.cpus.rkllm_cpus(), the big cores (None: the runtime's own choice)
+BIG_CORES: Sequence[int] = (-1,)
+
+
 @dataclass(frozen=True)
 class _Token:
     """RKLLM_RUN_NORMAL / RKLLM_RUN_WAITING: a piece of text (bytes, maybe part of a character)."""
@@ -209,7 +213,7 @@ class RKLLMDecoder:
         max_context: int,
         sampling: SamplingParams = SamplingParams(),
         skip_special_token: bool = True,
-        enabled_cpus: Optional[Sequence[int]] = rkllm_cpus(),
+        enabled_cpus: Optional[Sequence[int]] = BIG_CORES,
         base_domain_id: int = 1,
         eos_token_ids: Sequence[int] = (),
         embed_flash: bool = False,
@@ -249,6 +253,8 @@ class RKLLMDecoder:
         param.extend_param.n_batch = 1
         param.extend_param.base_domain_id = base_domain_id
         param.extend_param.embed_flash = 1 if embed_flash else 0
+        if enabled_cpus is BIG_CORES:  # read now, not when this module was imported
+            enabled_cpus = rkllm_cpus()
         if enabled_cpus is not None:
             cpus = sorted(set(int(c) for c in enabled_cpus))
             if not cpus or cpus[0] < 0 or cpus[-1] > 7:

@@ -105,17 +105,21 @@ def read_npu_driver_version(paths: SystemPaths = SystemPaths()) -> tuple[Optiona
     return None, denied
 
 
+def soc_compatible(device_tree_compatible: Path) -> list[str]:
+    """The device tree's compatible strings, most specific first (OSError when the file is missing)."""
+    return [c.decode("ascii", "replace") for c in device_tree_compatible.read_bytes().split(b"\0") if c]
+
+
 def check_soc(paths: SystemPaths = SystemPaths()) -> CheckResult:
     """The device tree names the SoC; the NPU models in a bundle are compiled for the RK3588 only."""
     name = "cpu"
     try:
-        raw = paths.device_tree_compatible.read_bytes()
+        compatible = soc_compatible(paths.device_tree_compatible)
     except OSError:
         return CheckResult(
             name, FAIL, f"{paths.device_tree_compatible} is missing: this is not a Rockchip board (or not Linux on one)",
             hint="run on an RK3588 board, or use --emulate on an x86 machine",
         )
-    compatible = [c.decode("ascii", "replace") for c in raw.split(b"\0") if c]
     if any(c in SOC_COMPATIBLE for c in compatible):
         return CheckResult(name, OK, f"RK3588 ({compatible[0]})")
     return CheckResult(
