@@ -50,16 +50,16 @@ import numpy as np  # noqa: E402
 
 from board import bundle_schema as S  # noqa: E402
 from board.decoder import SamplingParams  # noqa: E402
+from board.decoder_rkllm import LOG_LEVEL_ENV  # noqa: E402
 from board.errors import PrefillMismatch, SmolVLMError, VisionError  # noqa: E402
 from board.prompt import _IMAGE_TYPES, Prompt, PromptFormat, build_prompt, normalize_content  # noqa: E402
 from board.sequence import build_sequence, stack_rows  # noqa: E402
 from board.system_checks import FAIL, WARN, SystemPaths, check_emulation, run_checks  # noqa: E402
 from board.tiles import SplitSettings, TilePlan, plan_tiles  # noqa: E402
-from board.vision import NPU_CORE_MODES, EncodedImage, VisionEncoder  # noqa: E402
+from board.vision import DEFAULT_MIN_COSINE, NPU_CORE_MODES, EncodedImage, VisionEncoder  # noqa: E402
 
 CHECKS = ("system", "bundle", "vision_reference", "vision_cores", "decoder_reference", "prefill_count", "history",
           "eos", "abort")
-DEFAULT_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}  # when the manifest does not record the build's threshold
 CORES_MIN_COSINE = 0.9999  # the same model on other NPU cores: the same rows up to accumulation order
 DECODER_WARN_BELOW = 0.5  # W8A8 on the board: warn when the mean agreement with the fp32 ids is below this
 GARBAGE_RUN = 4  # this many or more generated tokens, all one id: garbage (unless the reference does it too)
@@ -192,7 +192,6 @@ class _Run:
     ids: list[int]
     finish: str
     stats: Any
-    seconds: float
 
 
 # -- the doctor -----------------------------------------------------------------------------------------
@@ -419,7 +418,7 @@ class Doctor:
                                      decoder=self._decoder, vision_fallback=self.vision_fallback,
                                      rkllm_log_level=self.rkllm_log_level, sampling=SamplingParams(max_new_tokens=16))
         except SmolVLMError as err:
-            self.encoder = None if vision is self.encoder else self.encoder  # the pipeline closed it on failure
+            self.encoder = None  # the pipeline closed it on failure (or there was none)
             self._set(Check("decoder_reference", False, f"the decoder did not load: {err.message}", hint=err.hint))
             self._skip_rest("the decoder did not load")
             return False
@@ -438,14 +437,14 @@ class Doctor:
                   on_token: Callable[[int], None] = lambda n: None) -> _Run:
         p = self.pipeline
         reply = p.reply(p.begin_turn(), prompt, images, sampling=SamplingParams(max_new_tokens=max_new))
-        ids, finish, stats, start = [], "stop", None, time.perf_counter()
+        ids, finish, stats = [], "stop", None
         for step in reply:
             if step.token_id is not None:
                 ids.append(step.token_id)
                 on_token(len(ids))
             if step.finish_reason is not None:
                 finish, stats = step.finish_reason, step.stats
-        return _Run(ids, finish, stats, time.perf_counter() - start)
+        return _Run(ids, finish, stats)
 
     def _prompts(self) -> list[dict[str, Any]]:
         return list(self.bundle.reference[S.Reference.PROMPTS]) if self.bundle.reference else []
@@ -607,7 +606,7 @@ class Doctor:
     def _versions(self) -> dict[str, Any]:
         from board import __version__
 
-        out: dict[str, Any] = {"board": __version__, "rkllm_log_level": os.environ.get("RKLLM_LOG_LEVEL"),
+        out: dict[str, Any] = {"board": __version__, "rkllm_log_level": os.environ.get(LOG_LEVEL_ENV),
                                "vision_runtime": self.vision_runtime}
         if self.bundle is not None:
             from board.bench import versions

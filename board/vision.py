@@ -172,6 +172,11 @@ def tile_feed(layout: str) -> TileFeed:
 # -- which vision model ---------------------------------------------------------------------------
 
 
+# What a vision build must reach against full precision (cosine per token), by dtype: host.vision_rknn
+# holds its builds to it, and the board doctor expects it where the manifest does not record a threshold.
+DEFAULT_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
+
+
 @dataclass(frozen=True)
 class VisionModel:
     """One of the bundle's vision models: its .rknn, its ONNX twin for emulation, layout and dtype."""

@@ -54,6 +54,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from board.bundle_schema import CALIBRATION_LAYOUTS
 from board.image_io import load_image
 from board.prompt import PromptFormat, build_prompt, render_chat
 from board.sequence import build_sequence, stack_rows
@@ -65,7 +66,7 @@ DATASET = "decoder_calibration.json"  # the input_embed layout
 DATASET_META = "decoder_calibration.meta.json"
 SAMPLE_LAYOUT = "decoder_calibration_samples"  # the samples layout: this folder + SAMPLE_LAYOUT.json, its index
 HOLDOUT = "decoder_holdout.npz"
-LAYOUTS = ("samples", "input_embed")  # board.bundle_schema.CALIBRATION_LAYOUTS; the first is the default
+LAYOUTS = CALIBRATION_LAYOUTS  # the first is the default
 DEFAULT_MAX_VALUES = 12_000_000
 DEFAULT_CALIBRATION_TILES = 48
 DEFAULT_HOLDOUT_TILES = 16

