@@ -15,6 +15,9 @@ and this module reproduces it:
 Decoding is OpenCV's (libjpeg-turbo, libpng, libwebp; bit-identical to Pillow on JPEG); Pillow
 only reads the header (size, mode, orientation) before any pixel is decoded, so an oversized file
 is refused without allocating it, and decodes the few formats OpenCV does not (GIF, CMYK JPEG...).
+
+`decode_top` decodes only the first rows of a baseline JPEG, in a fraction of a full decode, so that
+board.tiles can cut the first tiles while the whole image is still being decoded.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import binascii
 import io
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +249,81 @@ def _decode_pillow(data: bytes) -> np.ndarray:
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         return composite_on_white(np.asarray(im.convert("RGBA")))
     return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """A sequential Huffman-coded JPEG's frame header (SOF0 or SOF1), where decode_top needs it."""
+
+    height_at: int  # byte offset of the 16-bit frame height
+    height: int
+    mcu_rows: int  # pixel rows per MCU row: 8 x the largest vertical sampling factor
+
+
+def jpeg_frame(data: bytes) -> Optional[JpegFrame]:
+    """The frame header of a baseline (or extended sequential) JPEG; None for anything else:
+    progressive, arithmetic-coded or lossless JPEGs, a height left to a DNL marker, not a JPEG.
+    Walks the marker segments before the first scan (lengths only, no pixel data)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # TEM and RSTn carry no length
+            i += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in (0xC0, 0xC1):
+            if i + 10 > len(data) or length < 8:
+                return None
+            height, components = struct.unpack_from(">H", data, i + 5)[0], data[i + 9]
+            sampling = data[i + 11:i + 10 + 3 * components:3]
+            if height == 0 or components == 0 or len(sampling) != components:
+                return None
+            return JpegFrame(i + 5, height, 8 * max(s & 0x0F for s in sampling))
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker in (0xDA, 0xD9):
+            return None  # another coding process, or a scan/end before any frame header
+        i += 2 + length
+    return None
+
+
+def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
+    """The first `rows` upright rows of a baseline RGB or grayscale JPEG, decoded without the rest:
+    [rows, width, 3] uint8, the same values as those rows of `decode` (board.tiles checks), or None
+    where this does not apply (another format or coding, an orientation that does not keep the top
+    rows on top, a file too short for them).
+
+    The frame header is rewritten to say fewer rows, so libjpeg stops after them: the cost is about
+    that fraction of a full decode. One MCU row more than asked is decoded, because the last row of a
+    frame is upsampled without the chroma below it. Pillow decodes it, because it stays silent about
+    the data left over after the last row (OpenCV's libjpeg prints a warning to stderr).
+    """
+    if info.format != "JPEG" or info.mode not in _REDUCIBLE_MODES or info.orientation not in (1, 2):
+        return None
+    frame = jpeg_frame(data)
+    if frame is None or frame.height != info.height:
+        return None
+    height = -(-rows // frame.mcu_rows) * frame.mcu_rows + frame.mcu_rows
+    if height >= frame.height:
+        return None
+    patched = b"".join((data[:frame.height_at], struct.pack(">H", height), data[frame.height_at + 2:]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(patched)) as im:
+                if im.size != (info.width, height) or im.mode != info.mode:
+                    return None
+                im.load()
+                pixels = np.asarray(im)
+    except Exception:  # noqa: BLE001 - any failure only means no early rows; decode() reports real errors
+        return None
+    top = cv2.cvtColor(pixels[:rows], cv2.COLOR_GRAY2RGB) if pixels.ndim == 2 else np.ascontiguousarray(pixels[:rows])
+    return _apply_orientation(top, info.orientation)
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:

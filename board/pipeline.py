@@ -52,8 +52,7 @@ from .image_io import image_from_array, read_bytes
 from .prompt import CONTROL_TOKEN_POLICIES, Prompt, build_prompt, drop_leading_space
 from .sequence import build_sequence, stack_rows
 from .system_checks import CheckResult, SystemPaths, require, run_checks
-from .cpus import submit
-from .tiles import TilePlan, budget_settings, check_tile_budget, cut_tiles, decode_for_tiles, plan_tiles
+from .tiles import Decoding, TilePlan, budget_settings, check_tile_budget, plan_tiles, start_decode, stream_tiles
 from .vision import (EncodedImage, EncodeJob, OnnxVisionEncoder, RKNNVisionEncoder, VisionCache, VisionEncoder,
                      image_key)
 
@@ -190,8 +189,8 @@ class _MediaEncoding:
         self.timings = timings
         self.job: Optional[EncodeJob] = None  # every tile of the turn, in prompt order
         self.first_tile_at: Optional[float] = None
-        # per image in prompt order: (plan, cache key, index of its first tile in the job, or its cached encoding)
-        self.entries: list[tuple[TilePlan, Optional[str], Union[int, EncodedImage]]] = []
+        # per image in prompt order: (plan, cache key, where its tiles are in the job, or its cached encoding)
+        self.entries: list[tuple[TilePlan, Optional[str], Union[list[int], EncodedImage]]] = []
         self.pending: dict[str, int] = {}  # cache key -> entry index, for images of this turn still encoding
 
     def _add(self, tiles: np.ndarray) -> None:
@@ -220,19 +219,22 @@ class _MediaEncoding:
             return
         if isinstance(data, np.ndarray):
             settings = budget_settings(p.settings, data.shape[0], data.shape[1], budget)
-            rgb, plan = data, plan_tiles(data.shape[0], data.shape[1], settings)
+            decoding = Decoding(plan_tiles(data.shape[0], data.shape[1], settings), settings, pixels=data)
         else:
-            rgb, plan, settings = submit(decode_for_tiles, data, p.settings, budget).result()
-        t1 = time.perf_counter()
-        first = len(self.job) if self.job is not None else 0
-        for tile in cut_tiles(rgb, plan, settings):
+            decoding = start_decode(data, p.settings, budget)
+        plan = decoding.plan
+        places = [0] * plan.n_tiles  # where each tile of the plan is in the job (the last one sent for a place)
+        for place, tile in stream_tiles(decoding):
+            places[place] = len(self.job) if self.job is not None else 0
             self._add(tile[None])
-        t.image_decode_ms += (t1 - t0) * 1e3
-        t.tiles_ms += (time.perf_counter() - t1) * 1e3
+        done = time.perf_counter()
+        decoded = decoding.decoded_at or done
+        t.image_decode_ms += (decoded - t0) * 1e3
+        t.tiles_ms += (done - decoded) * 1e3
         t.tiles += plan.n_tiles
         t.vision_tiles += plan.n_tiles
         self.pending[key] = len(self.entries)
-        self.entries.append((plan, key, first))
+        self.entries.append((plan, key, places))
 
     def video(self, path: Union[str, Path]) -> list[dict[str, Any]]:
         """Sample and decode the video, then cut and hand over one tile per frame; returns its items."""
@@ -246,7 +248,7 @@ class _MediaEncoding:
         for frame in video.frames:
             first = len(self.job) if self.job is not None else 0
             self._add(frame_tile(frame, settings, p.settings)[None])
-            self.entries.append((frame_plan(frame, p.settings), None, first))
+            self.entries.append((frame_plan(frame, p.settings), None, [first]))
         t.image_decode_ms += (t1 - t0) * 1e3
         t.tiles_ms += (time.perf_counter() - t1) * 1e3
         t.images += len(video.frames)
@@ -266,13 +268,12 @@ class _MediaEncoding:
             t.npu_ms += (done - self.first_tile_at) * 1e3
         encoded: list[EncodedImage] = []
         for plan, key, where in self.entries:
-            if isinstance(where, int):
-                image = EncodedImage(plan, rows[where:where + plan.n_tiles])
+            if isinstance(where, list):
+                image = EncodedImage(plan, rows[where])
                 if key is not None:
                     p.cache.put(key, image)
             elif where.rows is None:  # a repeat of an image encoded in this turn
-                first = self.entries[self.pending[key]][2]
-                image = EncodedImage(plan, rows[first:first + plan.n_tiles], cached=True)
+                image = EncodedImage(plan, rows[self.entries[self.pending[key]][2]], cached=True)
             else:
                 image = where
             encoded.append(image)

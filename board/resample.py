@@ -250,14 +250,26 @@ def chain(in_hw: tuple[int, int], sizes: Sequence[tuple[int, int]], resample: in
     return steps
 
 
-def region(steps: Sequence[Resize], src: np.ndarray, rows: Span, cols: Span) -> np.ndarray:
-    """Output rows x cols of `steps` applied to `src`, computing only what they depend on; a new array."""
-    if not steps:
-        return src[rows[0]:rows[1], cols[0]:cols[1]].copy()
+def _windows(steps: Sequence[Resize], rows: Span, cols: Span) -> list[tuple[Span, Span]]:
+    """The region each step reads, first step's input first, ending with (rows, cols) themselves."""
     windows = [(rows, cols)]
     for step in reversed(steps):
         windows.append(step.need(*windows[-1]))
     windows.reverse()
+    return windows
+
+
+def need(steps: Sequence[Resize], rows: Span, cols: Span) -> tuple[Span, Span]:
+    """The region of the source that output rows x cols of `steps` are computed from."""
+    return _windows(steps, rows, cols)[0]
+
+
+def region(steps: Sequence[Resize], src: np.ndarray, rows: Span, cols: Span) -> np.ndarray:
+    """Output rows x cols of `steps` applied to `src`, computing only what they depend on; a new array.
+    `src` may end after the rows they need (an image whose top alone is decoded)."""
+    if not steps:
+        return src[rows[0]:rows[1], cols[0]:cols[1]].copy()
+    windows = _windows(steps, rows, cols)
     img, origin = src, (0, 0)
     for step, (out_rows, out_cols) in zip(steps, windows[1:]):
         img = step.region(img, origin, out_rows, out_cols)

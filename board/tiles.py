@@ -23,16 +23,19 @@ can start on the first tiles while the others are cut (`cut_tiles`).
 from __future__ import annotations
 
 import math
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image
 
 from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
-from .image_io import decode, probe
-from .resample import chain, region, resize, supported
+from .image_io import ImageInfo, decode, decode_top, probe
+from .resample import Resize, Span, chain, need, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
 MAX_IMAGE_SIDE = 4096
@@ -279,10 +282,49 @@ def split_image(rgb: np.ndarray, settings: SplitSettings, *, exact: bool = False
 
 
 def split_bytes(data: bytes, settings: SplitSettings, max_tiles: Optional[int] = None) -> TiledImage:
-    """An image file's tiles, stacked, as the pipeline makes them (decode_for_tiles on a front-end
-    thread, then cut_tiles); for measuring and checking the front end whole."""
-    rgb, plan, chosen = submit(decode_for_tiles, data, settings, max_tiles).result()
-    return TiledImage(np.stack(list(cut_tiles(rgb, plan, chosen))), plan, chosen)
+    """An image file's tiles, stacked, as the pipeline makes them (start_decode, then stream_tiles);
+    for measuring and checking the front end whole."""
+    decoding = start_decode(data, settings, max_tiles)
+    tiles: list[np.ndarray] = [np.empty(0)] * decoding.plan.n_tiles
+    for place, tile in stream_tiles(decoding):
+        tiles[place] = tile
+    return TiledImage(np.stack(tiles), decoding.plan, decoding.settings)
+
+
+Parts = list[tuple[Span, "Future[np.ndarray]"]]  # one tile: its row bands and the jobs computing them
+
+
+def _tile_parts(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], plan: TilePlan, place: int,
+                bands: int = 1) -> Parts:
+    """Queue grid tile `place` on the front-end threads, in `bands` row bands; `source` may be a
+    decode still running (its jobs wait for it, which cannot deadlock: it was queued before them)."""
+    T = plan.tile
+    r, c = divmod(place, plan.cols)
+    edges = [round(T * i / bands) for i in range(bands + 1)]
+    return [((a, b), submit(_region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T)))
+            for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _region(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], rows: Span, cols: Span) -> np.ndarray:
+    return region(steps, source.result() if isinstance(source, Future) else source, rows, cols)
+
+
+def _collect(parts: Parts, padded: np.ndarray, plan: TilePlan, place: int) -> np.ndarray:
+    """Wait for tile `place`'s bands, put them in the padded image and return the tile."""
+    T = plan.tile
+    r, c = divmod(place, plan.cols)
+    tile = padded[r * T:r * T + T, c * T:c * T + T]
+    for (a, b), job in parts:
+        tile[a:b] = job.result()
+    return np.ascontiguousarray(tile)
+
+
+def _grid(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, exact: bool) -> tuple[list[Resize], np.ndarray]:
+    """(resize steps, their source) from which the grid's tiles are computed: the two resizes as
+    board.resample regions, or for a filter it does not reimplement the image resized by Pillow."""
+    if supported(settings.resample):
+        return chain(rgb.shape[:2], [plan.resized, plan.padded], settings.resample, exact=exact), rgb
+    return [], resize(resize(rgb, plan.resized, settings.resample), plan.padded, settings.resample)
 
 
 def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact: bool = False) -> Iterator[np.ndarray]:
@@ -303,30 +345,124 @@ def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact
     if not plan.rows:
         yield resize(resize(rgb, plan.resized, filt, exact=exact), plan.padded, filt, exact=exact)
         return
-    if supported(filt):
-        steps, source = chain(rgb.shape[:2], [plan.resized, plan.padded], filt, exact=exact), rgb
-    else:  # Pillow itself, on whole images
-        steps, source = [], resize(resize(rgb, plan.resized, filt), plan.padded, filt)
-    # the first tile in row bands, one per thread: it is the one the NPU waits for
-    threads = frontend_threads()
-    edges = [round(T * i / threads) for i in range(threads + 1)]
-    first_bands, whole = list(zip(edges[:-1], edges[1:])), [(0, T)]
-    jobs = [[((a, b), submit(region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T)))
-             for a, b in (first_bands if r == c == 0 else whole)]
-            for r in range(plan.rows) for c in range(plan.cols)]
+    steps, source = _grid(rgb, plan, settings, exact)
+    jobs = [_tile_parts(steps, source, plan, place, frontend_threads() if place == 0 else 1)
+            for place in range(plan.rows * plan.cols)]
     padded = np.empty((*plan.padded, 3), np.uint8)
     try:
-        for i, parts in enumerate(jobs):
-            r, c = divmod(i, plan.cols)
-            tile = padded[r * T:r * T + T, c * T:c * T + T]
-            for (a, b), job in parts:
-                tile[a:b] = job.result()
-            yield np.ascontiguousarray(tile)
+        for place, parts in enumerate(jobs):
+            yield _collect(parts, padded, plan, place)
     finally:
-        for parts in jobs:  # the caller stopped early: drop what has not started
-            for _, job in parts:
-                job.cancel()
+        _cancel(jobs)
     yield resize(padded, (T, T), filt, exact=exact)
+
+
+def _cancel(jobs: Iterable[Parts]) -> None:
+    """Drop the jobs that have not started (the caller stopped early)."""
+    for parts in jobs:
+        for _, job in parts:
+            job.cancel()
+
+
+# Early rows (start_decode) are decoded for JPEGs of at least this many pixels: below it the whole
+# decode takes a few milliseconds and a second decode of the top would not pay for itself.
+EARLY_DECODE_MIN_PIXELS = 4_000_000
+# ... and when the first tile row needs at most this share of the image's rows.
+EARLY_DECODE_MAX_SHARE = 0.6
+
+
+class Decoding:
+    """An image file being decoded for splitting (start_decode): the plan is known from the header
+    before any pixel is; `pixels` is the whole decode (a Future), `top` an early decode of its first
+    `top_rows` rows (a Future of an array or None) when the first tile row can be cut from them."""
+
+    def __init__(self, plan: TilePlan, settings: SplitSettings, decode_job: Optional[Callable[[], np.ndarray]] = None,
+                 *, pixels: Optional[np.ndarray] = None, top_job: Optional[Callable[[], Optional[np.ndarray]]] = None,
+                 top_rows: int = 0):
+        self.plan, self.settings, self.top_rows = plan, settings, top_rows
+        self.started = time.perf_counter()
+        self.decoded_at = self.started if pixels is not None else None
+        if pixels is not None:
+            self.pixels: "Future[np.ndarray]" = Future()
+            self.pixels.set_result(pixels)
+        else:
+            self.pixels = submit(self._timed, decode_job)
+        self.top: "Optional[Future[Optional[np.ndarray]]]" = submit(top_job) if top_job is not None else None
+
+    def _timed(self, job: Callable[[], np.ndarray]) -> np.ndarray:
+        try:
+            return job()
+        finally:
+            self.decoded_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        for future in (self.pixels, self.top):
+            if future is not None:
+                future.cancel()
+
+
+def _first_row_need(plan: TilePlan, settings: SplitSettings) -> int:
+    """Source rows the first tile row is computed from (through both resizes)."""
+    steps = chain(plan.source, [plan.resized, plan.padded], settings.resample)
+    return need(steps, (0, plan.tile), (0, plan.padded[1]))[0][1]
+
+
+def start_decode(data: bytes, settings: SplitSettings, max_tiles: Optional[int] = None) -> Decoding:
+    """Start decoding an image file (`data` as board.image_io.read_bytes returned it) for splitting,
+    on the front-end threads; its plan (within the tile budget) is read from the header first.
+
+    For a large baseline JPEG the first tile row's source rows are also decoded on their own
+    (image_io.decode_top, about that fraction of a full decode, on another thread), so stream_tiles
+    can cut the first tiles, and the NPU start on them, while the whole image is still decoding.
+    """
+    info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
+    top_job, top_rows = None, 0
+    if (reduction == 1 and plan.rows >= 2 and supported(chosen.resample) and frontend_threads() >= 2
+            and info.width * info.height >= EARLY_DECODE_MIN_PIXELS):
+        rows = _first_row_need(plan, chosen)
+        if rows <= EARLY_DECODE_MAX_SHARE * plan.source[0]:
+            top_job, top_rows = partial(decode_top, data, info, rows), rows
+    return Decoding(plan, chosen, partial(decode, data, info, reduce=reduction), top_job=top_job, top_rows=top_rows)
+
+
+def stream_tiles(decoding: Decoding, *, exact: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """(place, tile) for the plan's tiles (place = index in cut_tiles' order), each as soon as it is
+    ready. A place can come twice, and then the later tile is the right one: the first tile row is
+    cut from the early rows when there are any, and those rows are compared with the whole decode
+    once it is there; if they differ (they should not: one libjpeg, one file), that row is cut again.
+    """
+    plan, settings = decoding.plan, decoding.settings
+    top = decoding.top.result() if decoding.top is not None else None
+    if top is None:
+        yield from enumerate(cut_tiles(decoding.pixels.result(), plan, settings, exact=exact))
+        return
+    steps = chain(plan.source, [plan.resized, plan.padded], settings.resample, exact=exact)
+    T, grid = plan.tile, plan.rows * plan.cols
+    early = [p for p in range(grid) if need(steps, _rows_of(plan, p), (0, T))[0][1] <= decoding.top_rows]
+    used = max(need(steps, _rows_of(plan, p), (0, T))[0][1] for p in early)
+    bands = max(1, frontend_threads() - 1)  # one thread is still decoding
+    jobs = [_tile_parts(steps, top, plan, p, bands if p == 0 else 1) for p in early]
+    jobs += [_tile_parts(steps, decoding.pixels, plan, p) for p in range(len(early), grid)]
+    padded = np.empty((*plan.padded, 3), np.uint8)
+    try:
+        for p in early:
+            yield p, _collect(jobs[p], padded, plan, p)
+        full = decoding.pixels.result()
+        if not np.array_equal(full[:used], top[:used]):
+            jobs[:len(early)] = [_tile_parts(steps, full, plan, p) for p in early]
+            for p in early:
+                yield p, _collect(jobs[p], padded, plan, p)
+        for p in range(len(early), grid):
+            yield p, _collect(jobs[p], padded, plan, p)
+    finally:
+        _cancel(jobs)
+        decoding.cancel()
+    yield grid, resize(padded, (T, T), settings.resample, exact=exact)
+
+
+def _rows_of(plan: TilePlan, place: int) -> Span:
+    r = place // plan.cols
+    return r * plan.tile, (r + 1) * plan.tile
 
 
 # A JPEG may be decoded at 1/2, 1/4 or 1/8 of its size when that leaves at least this many times the
@@ -343,10 +479,10 @@ def jpeg_reduction(source: tuple[int, int], target: tuple[int, int]) -> int:
     return 1
 
 
-def decode_for_tiles(data: bytes, settings: SplitSettings,
-                     max_tiles: Optional[int] = None) -> tuple[np.ndarray, TilePlan, SplitSettings]:
-    """Decode an image file (`data` as board.image_io.read_bytes returned it, so within the size limit)
-    for splitting: (pixels, plan, settings within the tile budget).
+def plan_decode(data: bytes, settings: SplitSettings,
+                max_tiles: Optional[int] = None) -> tuple[ImageInfo, TilePlan, SplitSettings, int]:
+    """What decoding an image file for splitting takes, from its header alone: (header, plan,
+    settings within the tile budget, JPEG reduction).
 
     The plan comes from the header's (upright) size, before any pixel is decoded, so a JPEG can be
     decoded straight to a fraction of its size where jpeg_reduction allows (a 48 MP photo, or a
@@ -356,5 +492,12 @@ def decode_for_tiles(data: bytes, settings: SplitSettings,
     upright = (info.width, info.height) if info.orientation in (5, 6, 7, 8) else (info.height, info.width)
     chosen = budget_settings(settings, *upright, max_tiles)
     plan = plan_tiles(*upright, chosen)
-    reduction = jpeg_reduction(upright, plan.resized) if chosen.do_resize else 1
+    return info, plan, chosen, jpeg_reduction(upright, plan.resized) if chosen.do_resize else 1
+
+
+def decode_for_tiles(data: bytes, settings: SplitSettings,
+                     max_tiles: Optional[int] = None) -> tuple[np.ndarray, TilePlan, SplitSettings]:
+    """Decode an image file (`data` as board.image_io.read_bytes returned it, so within the size limit)
+    for splitting, in the calling thread: (pixels, plan, settings within the tile budget); plan_decode."""
+    info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
     return decode(data, info, reduce=reduction), plan, chosen

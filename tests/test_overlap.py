@@ -88,14 +88,14 @@ def test_overlapped_encoding_equals_serial_encoding(overlapped, images, monkeypa
     pipeline, encoder = overlapped
     pipeline.encode_image(images["tall"], pipeline.begin_turn().timings)  # now in the session cache
     cut_at: list[float] = []
-    real_cut = pipeline_module.cut_tiles
+    real_stream = pipeline_module.stream_tiles
 
-    def recording_cut(*args, **kwargs):
-        for tile in real_cut(*args, **kwargs):
-            yield tile
+    def recording_stream(*args, **kwargs):
+        for place_and_tile in real_stream(*args, **kwargs):
+            yield place_and_tile
             cut_at.append(time.perf_counter())
 
-    monkeypatch.setattr(pipeline_module, "cut_tiles", recording_cut)
+    monkeypatch.setattr(pipeline_module, "stream_tiles", recording_stream)
     pixels = load_image(images["small"])[::2, ::3].copy()
     sources = [images["wide"], images["tall"], images["wide"], pixels, images["small"]]
     timings = pipeline.begin_turn().timings
