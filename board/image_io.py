@@ -292,6 +292,15 @@ def jpeg_frame(data: bytes) -> Optional[JpegFrame]:
     return None
 
 
+def top_frame(data: bytes, info: ImageInfo) -> Optional[JpegFrame]:
+    """The frame header where decode_top applies (an RGB or grayscale baseline JPEG whose orientation
+    keeps its top rows on top), else None; a walk over the header segments only."""
+    if info.format != "JPEG" or info.mode not in _REDUCIBLE_MODES or info.orientation not in (1, 2):
+        return None
+    frame = jpeg_frame(data)
+    return frame if frame is not None and frame.height == info.height else None
+
+
 def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
     """The first `rows` upright rows of a baseline RGB or grayscale JPEG, decoded without the rest:
     [rows, width, 3] uint8, the same values as those rows of `decode` (board.tiles checks), or None
@@ -303,10 +312,8 @@ def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
     frame is upsampled without the chroma below it. Pillow decodes it, because it stays silent about
     the data left over after the last row (OpenCV's libjpeg prints a warning to stderr).
     """
-    if info.format != "JPEG" or info.mode not in _REDUCIBLE_MODES or info.orientation not in (1, 2):
-        return None
-    frame = jpeg_frame(data)
-    if frame is None or frame.height != info.height:
+    frame = top_frame(data, info)
+    if frame is None:
         return None
     height = -(-rows // frame.mcu_rows) * frame.mcu_rows + frame.mcu_rows
     if height >= frame.height:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
-from .image_io import ImageInfo, decode, decode_top, probe
+from .image_io import ImageInfo, decode, decode_top, probe, top_frame
 from .resample import Resize, Span, chain, need, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
@@ -418,7 +418,7 @@ def start_decode(data: bytes, settings: SplitSettings, max_tiles: Optional[int] 
     info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
     top_job, top_rows = None, 0
     if (reduction == 1 and plan.rows >= 2 and supported(chosen.resample) and frontend_threads() >= 2
-            and info.width * info.height >= EARLY_DECODE_MIN_PIXELS):
+            and info.width * info.height >= EARLY_DECODE_MIN_PIXELS and top_frame(data, info) is not None):
         rows = _first_row_need(plan, chosen)
         if rows <= EARLY_DECODE_MAX_SHARE * plan.source[0]:
             top_job, top_rows = partial(decode_top, data, info, rows), rows

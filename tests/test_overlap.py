@@ -127,3 +127,31 @@ def test_a_bad_image_drops_the_earlier_images_tiles(overlapped, images):
     assert len(encoder.started) - before < 13
     later = pipeline.encode_image(images["small"], pipeline.begin_turn().timings)  # the encoder still works
     assert later.rows.shape == (later.plan.n_tiles, N, H)
+
+
+@pytest.mark.parametrize("early_rows_right", [True, False])
+def test_tiles_cut_from_a_jpegs_early_rows_give_the_serial_rows(overlapped, monkeypatch, early_rows_right):
+    """The first tile row comes from an early decode of the JPEG's top; when those rows turn out
+    different from the whole decode, the row is cut and encoded again and the image gets the new rows."""
+    import io
+
+    import board.tiles as tiles_module
+    from PIL import Image
+
+    pipeline, encoder = overlapped
+    monkeypatch.setattr(tiles_module, "EARLY_DECODE_MIN_PIXELS", 0)
+    if not early_rows_right:
+        real = tiles_module.decode_top
+        monkeypatch.setattr(tiles_module, "decode_top", lambda *args: 255 - real(*args))
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(out, "JPEG")
+    data = out.getvalue()
+    before = len(encoder.started)
+    timings = pipeline.begin_turn().timings
+    image = pipeline.encode_image(data, timings)
+    rgb = load_image(data)
+    tiled = split_image(rgb, budget_settings(pipeline.settings, *rgb.shape[:2], None))
+    assert (image.plan.rows, image.plan.cols) == (3, 4)
+    assert np.array_equal(image.rows, np.stack([rows_of(t) for t in tiled.tiles]))
+    assert len(encoder.started) - before == 13 + (0 if early_rows_right else 4)
+    assert timings.image_encode_ms == pytest.approx(timings.image_decode_ms + timings.tiles_ms + timings.vision_ms)

@@ -1,0 +1,141 @@
+"""The early decode of a JPEG's top rows (image_io.jpeg_frame, image_io.decode_top) and the tile stream
+built on it (tiles.start_decode, tiles.stream_tiles): the same rows as the whole decode, the same tiles
+as cutting the decoded image, taken only where it applies, and right even when the early rows are wrong."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import board.tiles as tiles_module
+from board.image_io import decode, decode_top, jpeg_frame, probe
+from board.tiles import SplitSettings, cut_tiles, decode_for_tiles, split_bytes, start_decode, stream_tiles
+
+SETTINGS = SplitSettings(longest_edge=2048, tile=512)
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(x / 37 + y / 97), 128 + 90 * np.cos(y / 29 - x / 300),
+                    128 + 70 * np.sin((x - y) / 17)], -1) + rng.normal(0, 12, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def jpeg(img: np.ndarray, **save: object) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, "JPEG", quality=90, **save)
+    return out.getvalue()
+
+
+def with_orientation(data: bytes, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big() -> bytes:
+    return jpeg(photo(1200, 1600))
+
+
+@pytest.fixture
+def early_for_small_images(monkeypatch):
+    """The early decode for the test's 2 MP photos (the threshold is for 12 MP ones)."""
+    monkeypatch.setattr(tiles_module, "EARLY_DECODE_MIN_PIXELS", 0)
+
+
+@pytest.mark.parametrize("kind, save, mcu", [("4:2:0", {}, 16), ("4:4:4", {"subsampling": 0}, 8),
+                                              ("4:2:2", {"subsampling": 1}, 8), ("gray", {}, 8)])
+def test_the_top_rows_are_the_whole_decodes_rows(kind, save, mcu):
+    img = photo(300, 410)
+    data = jpeg(img[:, :, 0] if kind == "gray" else img, **save)
+    frame, info = jpeg_frame(data), probe(data)
+    assert frame is not None and (frame.height, frame.mcu_rows) == (300, mcu)
+    whole = decode(data, info)
+    for rows in (1, 15, 16, 17, 150, 250):
+        top = decode_top(data, info, rows)
+        assert top is not None and top.shape == (rows, 410, 3) and np.array_equal(top, whole[:rows]), rows
+    assert decode_top(data, info, 290) is None  # no rows to save: the whole decode is as fast
+
+
+def test_a_mirrored_photo_keeps_its_top_rows_on_top_and_a_rotated_one_is_not_decoded_early(big):
+    for orientation, applies in [(1, True), (2, True), (3, False), (6, False), (8, False)]:
+        data = with_orientation(big, orientation)
+        info = probe(data)
+        top = decode_top(data, info, 100)
+        assert (top is not None) == applies, orientation
+        if applies:
+            assert np.array_equal(top, decode(data, info)[:100])
+
+
+def test_only_baseline_jpegs_have_an_early_decode(big):
+    img = photo(200, 300)
+    progressive = jpeg(img, progressive=True)
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, "PNG")
+    cmyk = io.BytesIO()
+    Image.fromarray(img).convert("CMYK").save(cmyk, "JPEG")
+    assert jpeg_frame(progressive) is None and decode_top(progressive, probe(progressive), 50) is None
+    assert jpeg_frame(png.getvalue()) is None and decode_top(png.getvalue(), probe(png.getvalue()), 50) is None
+    assert decode_top(cmyk.getvalue(), probe(cmyk.getvalue()), 50) is None  # CMYK: Pillow's own decode only
+    for broken in (b"", b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\x00\x00\x00\x00", big[:20], b"\xff\xd8\xff\xda\x00\x02"):
+        assert jpeg_frame(broken) is None
+
+
+def test_a_file_cut_short_gives_no_early_rows_but_its_top_is_still_right_when_present(big):
+    info = probe(big)
+    assert decode_top(big[: len(big) // 10], info, 600) is None  # the data for 600 rows is not there
+    top = decode_top(big[: len(big) * 3 // 4], info, 300)  # the data for 300 rows is
+    assert top is not None and np.array_equal(top, decode(big, info)[:300])
+
+
+def test_the_stream_cuts_the_same_tiles_from_the_early_rows(big, early_for_small_images):
+    decoding = start_decode(big, SETTINGS)
+    assert decoding.top is not None and 0 < decoding.top_rows < 1200
+    places, tiles = zip(*stream_tiles(decoding))
+    rgb, plan, chosen = decode_for_tiles(big, SETTINGS)
+    expected = list(cut_tiles(rgb, plan, chosen))
+    assert (plan.rows, plan.cols) == (3, 4) and list(places) == list(range(13))
+    for place, (tile, want) in enumerate(zip(tiles, expected)):
+        assert np.array_equal(tile, want), place
+    assert decoding.decoded_at is not None and decoding.decoded_at >= decoding.started
+    assert np.array_equal(split_bytes(big, SETTINGS).tiles, np.stack(expected))
+
+
+def test_early_rows_that_differ_from_the_whole_decode_are_cut_again(big, early_for_small_images, monkeypatch):
+    real = tiles_module.decode_top
+    monkeypatch.setattr(tiles_module, "decode_top", lambda *args: 255 - real(*args))  # wrong rows
+    places, tiles = zip(*stream_tiles(start_decode(big, SETTINGS)))
+    assert list(places) == [0, 1, 2, 3] + list(range(13))  # the first row twice, the later ones right
+    rgb, plan, chosen = decode_for_tiles(big, SETTINGS)
+    expected = list(cut_tiles(rgb, plan, chosen))
+    assert not np.array_equal(tiles[0], expected[0])
+    final = {place: tile for place, tile in zip(places, tiles)}
+    assert all(np.array_equal(final[p], expected[p]) for p in range(13))
+    assert np.array_equal(split_bytes(big, SETTINGS).tiles, np.stack(expected))
+
+
+def test_no_early_decode_where_it_does_not_pay(big, early_for_small_images, monkeypatch):
+    png = io.BytesIO()
+    Image.open(io.BytesIO(big)).save(png, "PNG")
+    assert start_decode(png.getvalue(), SETTINGS).top is None  # not a JPEG
+    with monkeypatch.context() as reduced:
+        reduced.setattr(tiles_module, "jpeg_reduction", lambda *args: 2)
+        assert start_decode(big, SETTINGS).top is None  # decoded reduced: the whole decode is short
+    assert start_decode(big, SplitSettings(longest_edge=512, tile=512)).top is None  # one tile: no first row
+    monkeypatch.setattr(tiles_module, "frontend_threads", lambda: 1)
+    assert start_decode(big, SETTINGS).top is None  # one thread: nothing to run it on
+    monkeypatch.undo()
+    assert start_decode(big, SETTINGS).top is None  # 2 MP: below the size where it pays
+
+
+def test_a_failed_early_decode_falls_back_to_the_whole_image(big, early_for_small_images, monkeypatch):
+    monkeypatch.setattr(tiles_module, "decode_top", lambda *args: None)
+    places = [place for place, _ in stream_tiles(start_decode(big, SETTINGS))]
+    assert places == list(range(13))
