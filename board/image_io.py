@@ -16,7 +16,7 @@ Decoding is OpenCV's (libjpeg-turbo, libpng, libwebp; bit-identical to Pillow on
 only reads the header (size, mode, orientation) before any pixel is decoded, so an oversized file
 is refused without allocating it, and decodes the few formats OpenCV does not (GIF, CMYK JPEG...).
 
-`decode_top` decodes only the first rows of a baseline JPEG, in a fraction of a full decode, so that
+`decode_top` decodes only the first rows of a baseline JPEG or a PNG, in a fraction of a full decode, so that
 board.tiles can cut the first tiles while the whole image is still being decoded.
 """
 
@@ -29,6 +29,7 @@ import os
 import stat
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -252,15 +253,27 @@ def _decode_pillow(data: bytes) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class JpegFrame:
-    """A sequential Huffman-coded JPEG's frame header (SOF0 or SOF1), where decode_top needs it."""
+class HeightField:
+    """Where an image file states its height, for decode_top: a baseline JPEG's frame header (SOF0 or
+    SOF1) or a non-interlaced PNG's IHDR chunk."""
 
-    height_at: int  # byte offset of the 16-bit frame height
+    at: int  # byte offset of the big-endian height
+    size: int  # its bytes: 2 in a JPEG frame header, 4 in a PNG header
     height: int
-    mcu_rows: int  # pixel rows per MCU row: 8 x the largest vertical sampling factor
+    row_step: int  # rows decoded together: 8 x a JPEG's largest vertical sampling factor (its MCU row); 1 for PNG
+    crc: Optional[tuple[int, int]] = None  # a PNG header's checksummed bytes [start, end), its CRC right after
+
+    def rewrite(self, data: bytes, height: int) -> bytes:
+        """`data` saying `height` rows (a valid file whose pixel data runs on past its last row)."""
+        out = bytearray(data)
+        out[self.at:self.at + self.size] = height.to_bytes(self.size, "big")
+        if self.crc is not None:
+            a, b = self.crc
+            out[b:b + 4] = struct.pack(">I", zlib.crc32(out[a:b]))
+        return bytes(out)
 
 
-def jpeg_frame(data: bytes) -> Optional[JpegFrame]:
+def jpeg_frame(data: bytes) -> Optional[HeightField]:
     """The frame header of a baseline (or extended sequential) JPEG; None for anything else:
     progressive, arithmetic-coded or lossless JPEGs, a height left to a DNL marker, not a JPEG.
     Walks the marker segments before the first scan (lengths only, no pixel data)."""
@@ -285,52 +298,57 @@ def jpeg_frame(data: bytes) -> Optional[JpegFrame]:
             sampling = data[i + 11:i + 10 + 3 * components:3]
             if height == 0 or components == 0 or len(sampling) != components:
                 return None
-            return JpegFrame(i + 5, height, 8 * max(s & 0x0F for s in sampling))
+            return HeightField(i + 5, 2, height, 8 * max(s & 0x0F for s in sampling))
         if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker in (0xDA, 0xD9):
             return None  # another coding process, or a scan/end before any frame header
         i += 2 + length
     return None
 
 
-def top_frame(data: bytes, info: ImageInfo) -> Optional[JpegFrame]:
-    """The frame header where decode_top applies (an RGB or grayscale baseline JPEG whose orientation
-    keeps its top rows on top), else None; a walk over the header segments only."""
-    if info.format != "JPEG" or info.mode not in _REDUCIBLE_MODES or info.orientation not in (1, 2):
+def png_header(data: bytes) -> Optional[HeightField]:
+    """A non-interlaced PNG's IHDR height (an interlaced one stores its rows in seven passes)."""
+    if len(data) < 33 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or data[28] != 0:
         return None
-    frame = jpeg_frame(data)
-    return frame if frame is not None and frame.height == info.height else None
+    return HeightField(20, 4, int.from_bytes(data[20:24], "big"), 1, crc=(12, 29))
+
+
+def top_field(data: bytes, info: ImageInfo) -> Optional[HeightField]:
+    """Where decode_top can rewrite the height (an RGB or grayscale baseline JPEG, a non-interlaced PNG,
+    whose orientation keeps its top rows on top), else None; reads the header only."""
+    if info.orientation not in (1, 2):
+        return None
+    if info.format == "JPEG" and info.mode in _REDUCIBLE_MODES:
+        field = jpeg_frame(data)
+    elif info.format == "PNG" and info.mode in _OPENCV_MODES:
+        field = png_header(data)
+    else:
+        return None
+    return field if field is not None and field.height == info.height else None
 
 
 def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
-    """The first `rows` upright rows of a baseline RGB or grayscale JPEG, decoded without the rest:
-    [rows, width, 3] uint8, the same values as those rows of `decode` (board.tiles checks), or None
-    where this does not apply (another format or coding, an orientation that does not keep the top
-    rows on top, a file too short for them).
+    """The first `rows` upright rows of a baseline JPEG or a PNG, decoded without the rest: [rows,
+    width, 3] uint8, the same values as those rows of `decode` (board.tiles checks), or None where
+    this does not apply (top_field) or the file is too short for them.
 
-    The frame header is rewritten to say fewer rows, so libjpeg stops after them: the cost is about
-    that fraction of a full decode. One MCU row more than asked is decoded, because the last row of a
+    The header is rewritten to say fewer rows, so the decoder stops after them: the cost is about that
+    fraction of a full decode. One row step more than asked is decoded, because the last row of a JPEG
     frame is upsampled without the chroma below it. Pillow decodes it, because it stays silent about
-    the data left over after the last row (OpenCV's libjpeg prints a warning to stderr).
+    the data left over after the last row (OpenCV's libjpeg and libpng print warnings to stderr).
     """
-    frame = top_frame(data, info)
-    if frame is None:
+    field = top_field(data, info)
+    if field is None:
         return None
-    height = -(-rows // frame.mcu_rows) * frame.mcu_rows + frame.mcu_rows
-    if height >= frame.height:
+    height = -(-rows // field.row_step) * field.row_step + field.row_step
+    if height >= field.height:
         return None
-    patched = b"".join((data[:frame.height_at], struct.pack(">H", height), data[frame.height_at + 2:]))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(patched)) as im:
-                if im.size != (info.width, height) or im.mode != info.mode:
-                    return None
-                im.load()
-                pixels = np.asarray(im)
-    except Exception:  # noqa: BLE001 - any failure only means no early rows; decode() reports real errors
+        top = _decode_pillow(field.rewrite(data, height))
+    except ImageError:  # only means no early rows; decode() reports what is wrong with the file
         return None
-    top = cv2.cvtColor(pixels[:rows], cv2.COLOR_GRAY2RGB) if pixels.ndim == 2 else np.ascontiguousarray(pixels[:rows])
-    return _apply_orientation(top, info.orientation)
+    if top.shape[:2] != (height, info.width):
+        return None
+    return _apply_orientation(np.ascontiguousarray(top[:rows]), info.orientation)
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:

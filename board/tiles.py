@@ -34,7 +34,7 @@ from PIL import Image
 
 from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
-from .image_io import ImageInfo, decode, decode_top, probe, top_frame
+from .image_io import ImageInfo, decode, decode_top, probe, top_field
 from .resample import Resize, Span, chain, need, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
@@ -364,9 +364,9 @@ def _cancel(jobs: Iterable[Parts]) -> None:
             job.cancel()
 
 
-# Early rows (start_decode) are decoded for JPEGs of at least this many pixels: below it the whole
+# Early rows (start_decode) are decoded for images of at least this many pixels: below it the whole
 # decode takes a few milliseconds and a second decode of the top would not pay for itself.
-EARLY_DECODE_MIN_PIXELS = 4_000_000
+EARLY_DECODE_MIN_PIXELS = 1_000_000
 # ... and when the first tile row needs at most this share of the image's rows.
 EARLY_DECODE_MAX_SHARE = 0.6
 
@@ -411,14 +411,14 @@ def start_decode(data: bytes, settings: SplitSettings, max_tiles: Optional[int] 
     """Start decoding an image file (`data` as board.image_io.read_bytes returned it) for splitting,
     on the front-end threads; its plan (within the tile budget) is read from the header first.
 
-    For a large baseline JPEG the first tile row's source rows are also decoded on their own
+    For a large baseline JPEG or PNG the first tile row's source rows are also decoded on their own
     (image_io.decode_top, about that fraction of a full decode, on another thread), so stream_tiles
     can cut the first tiles, and the NPU start on them, while the whole image is still decoding.
     """
     info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
     top_job, top_rows = None, 0
     if (reduction == 1 and plan.rows >= 2 and supported(chosen.resample) and frontend_threads() >= 2
-            and info.width * info.height >= EARLY_DECODE_MIN_PIXELS and top_frame(data, info) is not None):
+            and info.width * info.height >= EARLY_DECODE_MIN_PIXELS and top_field(data, info) is not None):
         rows = _first_row_need(plan, chosen)
         if rows <= EARLY_DECODE_MAX_SHARE * plan.source[0]:
             top_job, top_rows = partial(decode_top, data, info, rows), rows
@@ -429,7 +429,7 @@ def stream_tiles(decoding: Decoding, *, exact: bool = False) -> Iterator[tuple[i
     """(place, tile) for the plan's tiles (place = index in cut_tiles' order), each as soon as it is
     ready. A place can come twice, and then the later tile is the right one: the first tile row is
     cut from the early rows when there are any, and those rows are compared with the whole decode
-    once it is there; if they differ (they should not: one libjpeg, one file), that row is cut again.
+    once it is there; if they differ (they should not: one file, one codec library), that row is cut again.
     """
     plan, settings = decoding.plan, decoding.settings
     top = decoding.top.result() if decoding.top is not None else None

@@ -1,4 +1,4 @@
-"""The early decode of a JPEG's top rows (image_io.jpeg_frame, image_io.decode_top) and the tile stream
+"""The early decode of a JPEG's or PNG's top rows (image_io.top_field, image_io.decode_top) and the tile stream
 built on it (tiles.start_decode, tiles.stream_tiles): the same rows as the whole decode, the same tiles
 as cutting the decoded image, taken only where it applies, and right even when the early rows are wrong."""
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import board.tiles as tiles_module
-from board.image_io import decode, decode_top, jpeg_frame, probe
+from board.image_io import decode, decode_top, jpeg_frame, png_header, probe
 from board.tiles import SplitSettings, cut_tiles, decode_for_tiles, split_bytes, start_decode, stream_tiles
 
 SETTINGS = SplitSettings(longest_edge=2048, tile=512)
@@ -56,12 +56,44 @@ def test_the_top_rows_are_the_whole_decodes_rows(kind, save, mcu):
     img = photo(300, 410)
     data = jpeg(img[:, :, 0] if kind == "gray" else img, **save)
     frame, info = jpeg_frame(data), probe(data)
-    assert frame is not None and (frame.height, frame.mcu_rows) == (300, mcu)
+    assert frame is not None and (frame.height, frame.row_step) == (300, mcu)
     whole = decode(data, info)
     for rows in (1, 15, 16, 17, 150, 250):
         top = decode_top(data, info, rows)
         assert top is not None and top.shape == (rows, 410, 3) and np.array_equal(top, whole[:rows]), rows
     assert decode_top(data, info, 290) is None  # no rows to save: the whole decode is as fast
+
+
+def png(img: np.ndarray, mode: str = "RGB", **save: object) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(img).convert(mode).save(out, "PNG", **save)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "16-bit"])
+def test_a_pngs_top_rows_are_the_whole_decodes_rows(mode):
+    img = photo(240, 330)
+    if mode == "16-bit":
+        data = cv2_png16(img)
+    elif mode == "RGBA":
+        data = png(np.dstack([img, np.random.default_rng(1).integers(0, 256, (240, 330), dtype=np.uint8)]), "RGBA")
+    else:
+        data = png(img, mode)
+    info = probe(data)
+    assert png_header(data).height == 240
+    whole = decode(data, info)
+    for rows in (1, 100, 200):
+        top = decode_top(data, info, rows)
+        assert top is not None and np.array_equal(top, whole[:rows]), rows
+    assert decode_top(data, info, 239) is None
+    assert png_header(data[:28] + b"\x01" + data[29:]) is None  # Adam7 interlacing: rows come in seven passes
+
+
+def cv2_png16(img: np.ndarray) -> bytes:
+    import cv2
+
+    wide = img.astype(np.uint16) * 257 + np.random.default_rng(2).integers(0, 256, img.shape, dtype=np.uint16)
+    return cv2.imencode(".png", np.ascontiguousarray(wide[:, :, ::-1]))[1].tobytes()
 
 
 def test_a_mirrored_photo_keeps_its_top_rows_on_top_and_a_rotated_one_is_not_decoded_early(big):
@@ -74,15 +106,15 @@ def test_a_mirrored_photo_keeps_its_top_rows_on_top_and_a_rotated_one_is_not_dec
             assert np.array_equal(top, decode(data, info)[:100])
 
 
-def test_only_baseline_jpegs_have_an_early_decode(big):
+def test_only_baseline_jpegs_and_pngs_have_an_early_decode(big):
     img = photo(200, 300)
     progressive = jpeg(img, progressive=True)
-    png = io.BytesIO()
-    Image.fromarray(img).save(png, "PNG")
+    webp = io.BytesIO()
+    Image.fromarray(img).save(webp, "WEBP")
     cmyk = io.BytesIO()
     Image.fromarray(img).convert("CMYK").save(cmyk, "JPEG")
     assert jpeg_frame(progressive) is None and decode_top(progressive, probe(progressive), 50) is None
-    assert jpeg_frame(png.getvalue()) is None and decode_top(png.getvalue(), probe(png.getvalue()), 50) is None
+    assert jpeg_frame(png(img)) is None and decode_top(webp.getvalue(), probe(webp.getvalue()), 50) is None
     assert decode_top(cmyk.getvalue(), probe(cmyk.getvalue()), 50) is None  # CMYK: Pillow's own decode only
     for broken in (b"", b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\x00\x00\x00\x00", big[:20], b"\xff\xd8\xff\xda\x00\x02"):
         assert jpeg_frame(broken) is None
@@ -122,9 +154,10 @@ def test_early_rows_that_differ_from_the_whole_decode_are_cut_again(big, early_f
 
 
 def test_no_early_decode_where_it_does_not_pay(big, early_for_small_images, monkeypatch):
-    png = io.BytesIO()
-    Image.open(io.BytesIO(big)).save(png, "PNG")
-    assert start_decode(png.getvalue(), SETTINGS).top is None  # not a JPEG
+    webp = io.BytesIO()
+    Image.open(io.BytesIO(big)).save(webp, "WEBP")
+    assert start_decode(webp.getvalue(), SETTINGS).top is None  # WebP: no early decode
+    assert start_decode(png(photo(1200, 1600)), SETTINGS).top is not None  # a PNG has one
     with monkeypatch.context() as reduced:
         reduced.setattr(tiles_module, "jpeg_reduction", lambda *args: 2)
         assert start_decode(big, SETTINGS).top is None  # decoded reduced: the whole decode is short
@@ -132,7 +165,7 @@ def test_no_early_decode_where_it_does_not_pay(big, early_for_small_images, monk
     monkeypatch.setattr(tiles_module, "frontend_threads", lambda: 1)
     assert start_decode(big, SETTINGS).top is None  # one thread: nothing to run it on
     monkeypatch.undo()
-    assert start_decode(big, SETTINGS).top is None  # 2 MP: below the size where it pays
+    assert start_decode(jpeg(photo(600, 800)), SETTINGS).top is None  # 0.5 MP: below the size where it pays
 
 
 def test_a_failed_early_decode_falls_back_to_the_whole_image(big, early_for_small_images, monkeypatch):
