@@ -53,9 +53,11 @@ _ORIENTATION_TAG = 0x0112
 # anything else (CMYK, YCbCr, 32-bit int/float, bilevel TIFF...) is decoded by Pillow itself.
 _OPENCV_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I;16B", "I;16L", "1"}
 _OPENCV_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
-# JPEGs libjpeg can decode straight to a smaller RGB image (load_image's `reduce`)
-_REDUCIBLE_MODES = {"RGB", "L"}
+# Modes OpenCV decodes straight to 3-channel RGB when nothing is transparent (`_decode_color`), and in
+# which libjpeg can decode a JPEG straight to a smaller image (load_image's `reduce`)
+_COLOR_MODES = {"RGB", "L"}
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class ImageInfo:
     width: int
     height: int
     orientation: int
+    transparent: bool = False  # an alpha channel or a transparent colour (tRNS)
 
 
 def _not_regular(mode: int) -> Optional[str]:
@@ -180,7 +183,9 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     # Image.getexif of the base class reads only what the header parse found (EXIF chunk or XMP);
     # PngImageFile's override would decode the whole image to look past the pixel data.
     orientation = Image.Image.getexif(im).get(_ORIENTATION_TAG, 1)
-    return ImageInfo(im.format or "", im.mode, width, height, orientation if orientation in range(1, 9) else 1)
+    transparent = "A" in im.getbands() or im.info.get("transparency") is not None
+    return ImageInfo(im.format or "", im.mode, width, height, orientation if orientation in range(1, 9) else 1,
+                     transparent)
 
 
 def load_image(
@@ -200,8 +205,10 @@ def load_image(
 def decode(data: bytes, info: ImageInfo, *, reduce: int = 1) -> np.ndarray:
     """load_image for bytes already read and probed (`info` = probe(data)): the caller that needed the
     header first does not read it twice."""
-    if info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES:
-        rgb = _decode_opencv(data, reduce if info.format == "JPEG" and info.mode in _REDUCIBLE_MODES else 1)
+    if info.format in _OPENCV_FORMATS and info.mode in _COLOR_MODES and not info.transparent:
+        rgb = _decode_color(data, reduce if info.format == "JPEG" else 1)
+    elif info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES:
+        rgb = _decode_opencv(data)
     else:
         rgb = None
     if rgb is None:
@@ -209,12 +216,19 @@ def decode(data: bytes, info: ImageInfo, *, reduce: int = 1) -> np.ndarray:
     return _apply_orientation(rgb, info.orientation)
 
 
-def _decode_opencv(data: bytes, reduce: int = 1) -> np.ndarray | None:
-    if reduce in _REDUCED_FLAGS:  # 3-channel BGR at 1/reduce of the size, no EXIF rotation
-        flags = _REDUCED_FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
-    else:
-        flags = cv2.IMREAD_UNCHANGED  # no EXIF rotation
+def _decode_color(data: bytes, reduce: int = 1) -> np.ndarray | None:
+    """An opaque RGB or grayscale file as 3-channel 8-bit RGB (16-bit samples keep their high byte, as
+    libpng strips them), a JPEG at 1/reduce of its size (2, 4, 8); no EXIF rotation. OpenCV 4.10+
+    has the decoder write RGB itself (IMREAD_COLOR_RGB), saving a conversion pass."""
+    flags = _REDUCED_FLAGS.get(reduce, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    if _IMREAD_RGB is not None:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags | _IMREAD_RGB)
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    return None if pixels is None else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+def _decode_opencv(data: bytes) -> np.ndarray | None:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # no EXIF rotation
     if pixels is None:
         return None
     if pixels.dtype == np.uint16:
@@ -317,7 +331,7 @@ def top_field(data: bytes, info: ImageInfo) -> Optional[HeightField]:
     whose orientation keeps its top rows on top), else None; reads the header only."""
     if info.orientation not in (1, 2):
         return None
-    if info.format == "JPEG" and info.mode in _REDUCIBLE_MODES:
+    if info.format == "JPEG" and info.mode in _COLOR_MODES:
         field = jpeg_frame(data)
     elif info.format == "PNG" and info.mode in _OPENCV_MODES:
         field = png_header(data)
@@ -342,20 +356,26 @@ def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
     height = -(-rows // field.row_step) * field.row_step + field.row_step
     if height >= field.height:
         return None
+    patched = field.rewrite(data, height)
     try:
-        top = _decode_pillow(field.rewrite(data, height))
-    except ImageError:  # only means no early rows; decode() reports what is wrong with the file
+        with Image.open(io.BytesIO(patched)) as im:
+            if im.size != (info.width, height):
+                return None
+            if im.mode == "RGB" and im.info.get("transparency") is None:
+                top = np.asarray(im)  # one copy (read-only: only read by the tiles)
+            else:
+                top = _decode_pillow(patched)  # the conversions decode() makes
+    except Exception:  # noqa: BLE001 - any failure only means no early rows; decode() reports real errors
         return None
-    if top.shape[:2] != (height, info.width):
-        return None
-    return _apply_orientation(np.ascontiguousarray(top[:rows]), info.orientation)
+    return _apply_orientation(top[:rows], info.orientation)
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Blend RGBA over an opaque white background (Pillow's alpha_composite, rounded)."""
-    alpha = rgba[:, :, 3:4].astype(np.uint16)
-    rgb = rgba[:, :, :3].astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    """Blend RGBA over an opaque white background (Pillow's alpha_composite, rounded):
+    (v * a + 255 * (255 - a) + 127) // 255, computed as 255 - round((255 - v) * a / 255), which is the
+    same for every v and a (checked exhaustively by the tests) and runs per plane in OpenCV, ~10x faster."""
+    r, g, b, alpha = cv2.split(np.ascontiguousarray(rgba))
+    return cv2.merge([cv2.bitwise_not(cv2.multiply(cv2.bitwise_not(c), alpha, scale=1 / 255)) for c in (r, g, b)])
 
 
 def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:

@@ -196,3 +196,16 @@ def test_arrays_are_accepted_as_frames():
         image_from_array(np.zeros((0, 4, 3), np.uint8))
     with pytest.raises(ImageError):
         image_from_array(BASE.astype(np.float32))
+
+
+def test_compositing_on_white_is_the_integer_formula_for_every_value_and_alpha():
+    from board.image_io import composite_on_white
+
+    v, a = np.meshgrid(np.arange(256, dtype=np.uint16), np.arange(256, dtype=np.uint16))
+    expected = ((v * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    rgba = np.stack([v, 255 - v, v, a], -1).astype(np.uint8)
+    out = composite_on_white(rgba)
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
+    assert np.array_equal(out[..., 1], expected[:, ::-1])
+    assert np.array_equal(composite_on_white(rgba[::3, 1::2]), out[::3, 1::2])  # a view, not contiguous
