@@ -327,10 +327,8 @@ def png_header(data: bytes) -> Optional[HeightField]:
 
 
 def top_field(data: bytes, info: ImageInfo) -> Optional[HeightField]:
-    """Where decode_top can rewrite the height (an RGB or grayscale baseline JPEG, a non-interlaced PNG,
-    whose orientation keeps its top rows on top), else None; reads the header only."""
-    if info.orientation not in (1, 2):
-        return None
+    """Where decode_top can rewrite the height (an RGB or grayscale baseline JPEG, a non-interlaced PNG),
+    else None; reads the header only."""
     if info.format == "JPEG" and info.mode in _COLOR_MODES:
         field = jpeg_frame(data)
     elif info.format == "PNG" and info.mode in _OPENCV_MODES:
@@ -340,10 +338,23 @@ def top_field(data: bytes, info: ImageInfo) -> Optional[HeightField]:
     return field if field is not None and field.height == info.height else None
 
 
+def top_band(orientation: int, rows: int, upright: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where a file's first `rows` stored rows land in its upright (h, w) image, as the EXIF
+    orientation turns it: the (rows, cols) spans of a band along the top, bottom, left or right side."""
+    h, w = upright
+    if orientation in (3, 4):  # turned 180 degrees, or flipped upside down
+        return (h - rows, h), (0, w)
+    if orientation in (5, 8):  # transposed, or turned 90 degrees anticlockwise
+        return (0, h), (0, rows)
+    if orientation in (6, 7):  # turned 90 degrees clockwise, or transversed
+        return (0, h), (w - rows, w)
+    return (0, rows), (0, w)
+
+
 def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
-    """The first `rows` upright rows of a baseline JPEG or a PNG, decoded without the rest: [rows,
-    width, 3] uint8, the same values as those rows of `decode` (board.tiles checks), or None where
-    this does not apply (top_field) or the file is too short for them.
+    """The first `rows` stored rows of a baseline JPEG or a PNG, decoded without the rest and turned
+    upright: the part of `decode`'s image that top_band says, with the same values (board.tiles
+    checks), uint8 RGB; None where this does not apply (top_field) or the file is too short for them.
 
     The header is rewritten to say fewer rows, so the decoder stops after them: the cost is about that
     fraction of a full decode. One row step more than asked is decoded, because the last row of a JPEG

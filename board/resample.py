@@ -264,13 +264,15 @@ def need(steps: Sequence[Resize], rows: Span, cols: Span) -> tuple[Span, Span]:
     return _windows(steps, rows, cols)[0]
 
 
-def region(steps: Sequence[Resize], src: np.ndarray, rows: Span, cols: Span) -> np.ndarray:
+def region(steps: Sequence[Resize], src: np.ndarray, rows: Span, cols: Span,
+           origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Output rows x cols of `steps` applied to `src`, computing only what they depend on; a new array.
-    `src` may end after the rows they need (an image whose top alone is decoded)."""
+    `src` may be only a part of the input, from `origin` (row, col) on, covering need(rows, cols)
+    (a band of an image decoded early)."""
     if not steps:
-        return src[rows[0]:rows[1], cols[0]:cols[1]].copy()
+        return src[rows[0] - origin[0]:rows[1] - origin[0], cols[0] - origin[1]:cols[1] - origin[1]].copy()
     windows = _windows(steps, rows, cols)
-    img, origin = src, (0, 0)
+    img = src
     for step, (out_rows, out_cols) in zip(steps, windows[1:]):
         img = step.region(img, origin, out_rows, out_cols)
         origin = (out_rows[0], out_cols[0])

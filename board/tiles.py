@@ -34,7 +34,7 @@ from PIL import Image
 
 from .cpus import frontend_threads, submit
 from .errors import BundleError, InputError
-from .image_io import ImageInfo, decode, decode_top, probe, top_field
+from .image_io import ImageInfo, decode, decode_top, probe, top_band, top_field
 from .resample import Resize, Span, chain, need, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
@@ -295,18 +295,20 @@ Parts = list[tuple[Span, "Future[np.ndarray]"]]  # one tile: its row bands and t
 
 
 def _tile_parts(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], plan: TilePlan, place: int,
-                bands: int = 1) -> Parts:
-    """Queue grid tile `place` on the front-end threads, in `bands` row bands; `source` may be a
-    decode still running (its jobs wait for it, which cannot deadlock: it was queued before them)."""
+                bands: int = 1, origin: tuple[int, int] = (0, 0)) -> Parts:
+    """Queue grid tile `place` on the front-end threads, in `bands` row bands, from `source` (the image,
+    or its part from `origin` on); `source` may be a decode still running (its jobs wait for it, which
+    cannot deadlock: it was queued before them)."""
     T = plan.tile
     r, c = divmod(place, plan.cols)
     edges = [round(T * i / bands) for i in range(bands + 1)]
-    return [((a, b), submit(_region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T)))
+    return [((a, b), submit(_region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T), origin))
             for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _region(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], rows: Span, cols: Span) -> np.ndarray:
-    return region(steps, source.result() if isinstance(source, Future) else source, rows, cols)
+def _region(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], rows: Span, cols: Span,
+            origin: tuple[int, int]) -> np.ndarray:
+    return region(steps, source.result() if isinstance(source, Future) else source, rows, cols, origin)
 
 
 def _collect(parts: Parts, padded: np.ndarray, plan: TilePlan, place: int) -> np.ndarray:
@@ -373,13 +375,14 @@ EARLY_DECODE_MAX_SHARE = 0.6
 
 class Decoding:
     """An image file being decoded for splitting (start_decode): the plan is known from the header
-    before any pixel is; `pixels` is the whole decode (a Future), `top` an early decode of its first
-    `top_rows` rows (a Future of an array or None) when the first tile row can be cut from them."""
+    before any pixel is; `pixels` is the whole decode (a Future), `top` an early decode of the file's
+    first rows (a Future of an array, or of None when that failed), which cover `top_region` of the
+    upright image: the grid tiles along one side can be cut from it."""
 
     def __init__(self, plan: TilePlan, settings: SplitSettings, decode_job: Optional[Callable[[], np.ndarray]] = None,
                  *, pixels: Optional[np.ndarray] = None, top_job: Optional[Callable[[], Optional[np.ndarray]]] = None,
-                 top_rows: int = 0):
-        self.plan, self.settings, self.top_rows = plan, settings, top_rows
+                 top_region: Optional[tuple[Span, Span]] = None):
+        self.plan, self.settings, self.top_region = plan, settings, top_region
         self.started = time.perf_counter()
         self.decoded_at = self.started if pixels is not None else None
         if pixels is not None:
@@ -401,68 +404,95 @@ class Decoding:
                 future.cancel()
 
 
-def _first_row_need(plan: TilePlan, settings: SplitSettings) -> int:
-    """Source rows the first tile row is computed from (through both resizes)."""
+def _tile_spans(plan: TilePlan, place: int) -> tuple[Span, Span]:
+    """Grid tile `place`'s rows and columns in the padded image."""
+    T = plan.tile
+    r, c = divmod(place, plan.cols)
+    return (r * T, r * T + T), (c * T, c * T + T)
+
+
+def _early_rows(plan: TilePlan, settings: SplitSettings, orientation: int) -> Optional[int]:
+    """How many of the file's rows to decode early: enough for the line of grid tiles along the side of
+    the upright image that the file's first rows land on (image_io.top_band: the top unless the photo
+    is turned), at most EARLY_DECODE_MAX_SHARE of them; None when the grid is a single line that way."""
     steps = chain(plan.source, [plan.resized, plan.padded], settings.resample)
-    return need(steps, (0, plan.tile), (0, plan.padded[1]))[0][1]
+    (h, w), T = plan.source, plan.tile
+    if orientation in (5, 6, 7, 8):  # the file's rows are the upright image's columns
+        if plan.cols < 2:
+            return None
+        first = orientation in (5, 8)
+        c = 0 if first else plan.cols - 1
+        _, (a, b) = need(steps, (0, plan.padded[0]), (c * T, c * T + T))
+        rows, stored = (b if first else w - a), w
+    else:
+        if plan.rows < 2:
+            return None
+        first = orientation in (1, 2)
+        r = 0 if first else plan.rows - 1
+        (a, b), _ = need(steps, (r * T, r * T + T), (0, plan.padded[1]))
+        rows, stored = (b if first else h - a), h
+    return rows if rows <= EARLY_DECODE_MAX_SHARE * stored else None
 
 
 def start_decode(data: bytes, settings: SplitSettings, max_tiles: Optional[int] = None) -> Decoding:
     """Start decoding an image file (`data` as board.image_io.read_bytes returned it) for splitting,
     on the front-end threads; its plan (within the tile budget) is read from the header first.
 
-    For a large baseline JPEG or PNG the first tile row's source rows are also decoded on their own
+    For a large baseline JPEG or PNG the rows of the first grid line are also decoded on their own
     (image_io.decode_top, about that fraction of a full decode, on another thread), so stream_tiles
-    can cut the first tiles, and the NPU start on them, while the whole image is still decoding.
+    can cut those tiles, and the NPU start on them, while the whole image is still decoding.
     """
     info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
-    top_job, top_rows = None, 0
-    if (reduction == 1 and plan.rows >= 2 and supported(chosen.resample) and frontend_threads() >= 2
+    top_job, region = None, None
+    if (reduction == 1 and supported(chosen.resample) and frontend_threads() >= 2
             and info.width * info.height >= EARLY_DECODE_MIN_PIXELS and top_field(data, info) is not None):
-        rows = _first_row_need(plan, chosen)
-        if rows <= EARLY_DECODE_MAX_SHARE * plan.source[0]:
-            top_job, top_rows = partial(decode_top, data, info, rows), rows
-    return Decoding(plan, chosen, partial(decode, data, info, reduce=reduction), top_job=top_job, top_rows=top_rows)
+        rows = _early_rows(plan, chosen, info.orientation)
+        if rows is not None:
+            top_job, region = partial(decode_top, data, info, rows), top_band(info.orientation, rows, plan.source)
+    return Decoding(plan, chosen, partial(decode, data, info, reduce=reduction), top_job=top_job, top_region=region)
+
+
+def _inside(inner: tuple[Span, Span], outer: tuple[Span, Span]) -> bool:
+    return all(o[0] <= i[0] and i[1] <= o[1] for i, o in zip(inner, outer))
 
 
 def stream_tiles(decoding: Decoding, *, exact: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """(place, tile) for the plan's tiles (place = index in cut_tiles' order), each as soon as it is
-    ready. A place can come twice, and then the later tile is the right one: the first tile row is
-    cut from the early rows when there are any, and those rows are compared with the whole decode
-    once it is there; if they differ (they should not: one file, one codec library), that row is cut again.
+    ready, the early ones first. A place can come twice, and then the later tile is the right one:
+    the grid tiles inside the early decode's region are cut from it, and the part of it they read is
+    compared with the whole decode once that is there; if the two differ (they should not: one
+    file, one codec library), those tiles are cut again.
     """
     plan, settings = decoding.plan, decoding.settings
     top = decoding.top.result() if decoding.top is not None else None
-    if top is None:
+    if top is None or decoding.top_region is None:
         yield from enumerate(cut_tiles(decoding.pixels.result(), plan, settings, exact=exact))
         return
+    (r0, r1), (c0, c1) = decoding.top_region
     steps = chain(plan.source, [plan.resized, plan.padded], settings.resample, exact=exact)
     T, grid = plan.tile, plan.rows * plan.cols
-    early = [p for p in range(grid) if need(steps, _rows_of(plan, p), (0, T))[0][1] <= decoding.top_rows]
-    used = max(need(steps, _rows_of(plan, p), (0, T))[0][1] for p in early)
+    reads = {p: need(steps, *_tile_spans(plan, p)) for p in range(grid)}
+    early = [p for p in range(grid) if _inside(reads[p], decoding.top_region)]
+    later = [p for p in range(grid) if p not in early]
     bands = max(1, frontend_threads() - 1)  # one thread is still decoding
-    jobs = [_tile_parts(steps, top, plan, p, bands if p == 0 else 1) for p in early]
-    jobs += [_tile_parts(steps, decoding.pixels, plan, p) for p in range(len(early), grid)]
+    jobs = {p: _tile_parts(steps, top, plan, p, bands if i == 0 else 1, (r0, c0)) for i, p in enumerate(early)}
+    jobs.update({p: _tile_parts(steps, decoding.pixels, plan, p) for p in later})
     padded = np.empty((*plan.padded, 3), np.uint8)
     try:
         for p in early:
             yield p, _collect(jobs[p], padded, plan, p)
         full = decoding.pixels.result()
-        if not np.array_equal(full[:used], top[:used]):
-            jobs[:len(early)] = [_tile_parts(steps, full, plan, p) for p in early]
+        (a, b), (c, d) = ((min(reads[p][k][0] for p in early), max(reads[p][k][1] for p in early)) for k in (0, 1))
+        if not np.array_equal(full[a:b, c:d], top[a - r0:b - r0, c - c0:d - c0]):
+            jobs.update({p: _tile_parts(steps, full, plan, p) for p in early})
             for p in early:
                 yield p, _collect(jobs[p], padded, plan, p)
-        for p in range(len(early), grid):
+        for p in later:
             yield p, _collect(jobs[p], padded, plan, p)
     finally:
-        _cancel(jobs)
+        _cancel(jobs.values())
         decoding.cancel()
     yield grid, resize(padded, (T, T), settings.resample, exact=exact)
-
-
-def _rows_of(plan: TilePlan, place: int) -> Span:
-    r = place // plan.cols
-    return r * plan.tile, (r + 1) * plan.tile
 
 
 # A JPEG may be decoded at 1/2, 1/4 or 1/8 of its size when that leaves at least this many times the

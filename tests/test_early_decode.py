@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import board.tiles as tiles_module
-from board.image_io import decode, decode_top, jpeg_frame, png_header, probe
+from board.image_io import decode, decode_top, jpeg_frame, png_header, probe, top_band
 from board.tiles import SplitSettings, cut_tiles, decode_for_tiles, split_bytes, start_decode, stream_tiles
 
 SETTINGS = SplitSettings(longest_edge=2048, tile=512)
@@ -96,14 +96,15 @@ def cv2_png16(img: np.ndarray) -> bytes:
     return cv2.imencode(".png", np.ascontiguousarray(wide[:, :, ::-1]))[1].tobytes()
 
 
-def test_a_mirrored_photo_keeps_its_top_rows_on_top_and_a_rotated_one_is_not_decoded_early(big):
-    for orientation, applies in [(1, True), (2, True), (3, False), (6, False), (8, False)]:
-        data = with_orientation(big, orientation)
-        info = probe(data)
-        top = decode_top(data, info, 100)
-        assert (top is not None) == applies, orientation
-        if applies:
-            assert np.array_equal(top, decode(data, info)[:100])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_top_rows_of_a_turned_photo_are_the_band_of_the_upright_image_they_become(big, orientation):
+    data = with_orientation(big, orientation)
+    info = probe(data)
+    whole = decode(data, info)
+    top = decode_top(data, info, 100)
+    (r0, r1), (c0, c1) = top_band(orientation, 100, whole.shape[:2])
+    assert (r1 - r0) * (c1 - c0) == 100 * 1600 and top is not None
+    assert np.array_equal(top, whole[r0:r1, c0:c1])
 
 
 def test_only_baseline_jpegs_and_pngs_have_an_early_decode(big):
@@ -127,17 +128,27 @@ def test_a_file_cut_short_gives_no_early_rows_but_its_top_is_still_right_when_pr
     assert top is not None and np.array_equal(top, decode(big, info)[:300])
 
 
-def test_the_stream_cuts_the_same_tiles_from_the_early_rows(big, early_for_small_images):
-    decoding = start_decode(big, SETTINGS)
-    assert decoding.top is not None and 0 < decoding.top_rows < 1200
+# orientation -> (upright grid, the places cut early: the grid line the file's first rows become)
+EARLY_PLACES = {1: ((3, 4), [0, 1, 2, 3]), 2: ((3, 4), [0, 1, 2, 3]), 3: ((3, 4), [8, 9, 10, 11]),
+                4: ((3, 4), [8, 9, 10, 11]), 5: ((4, 3), [0, 3, 6, 9]), 6: ((4, 3), [2, 5, 8, 11]),
+                7: ((4, 3), [2, 5, 8, 11]), 8: ((4, 3), [0, 3, 6, 9])}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_stream_cuts_the_same_tiles_from_the_early_rows(big, early_for_small_images, orientation):
+    data = big if orientation == 1 else with_orientation(big, orientation)
+    decoding = start_decode(data, SETTINGS)
+    assert decoding.top is not None and decoding.top_region is not None
     places, tiles = zip(*stream_tiles(decoding))
-    rgb, plan, chosen = decode_for_tiles(big, SETTINGS)
+    rgb, plan, chosen = decode_for_tiles(data, SETTINGS)
     expected = list(cut_tiles(rgb, plan, chosen))
-    assert (plan.rows, plan.cols) == (3, 4) and list(places) == list(range(13))
-    for place, (tile, want) in enumerate(zip(tiles, expected)):
-        assert np.array_equal(tile, want), place
+    grid, early = EARLY_PLACES[orientation]
+    assert (plan.rows, plan.cols) == grid
+    assert list(places) == early + [p for p in range(12) if p not in early] + [12]  # each place once
+    for place, tile in zip(places, tiles):
+        assert np.array_equal(tile, expected[place]), place
     assert decoding.decoded_at is not None and decoding.decoded_at >= decoding.started
-    assert np.array_equal(split_bytes(big, SETTINGS).tiles, np.stack(expected))
+    assert np.array_equal(split_bytes(data, SETTINGS).tiles, np.stack(expected))
 
 
 def test_early_rows_that_differ_from_the_whole_decode_are_cut_again(big, early_for_small_images, monkeypatch):
