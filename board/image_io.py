@@ -202,9 +202,10 @@ def load_image(
     return decode(data, probe(data, max_pixels=max_pixels), reduce=reduce)
 
 
-def decode(data: bytes, info: ImageInfo, *, reduce: int = 1) -> np.ndarray:
+def decode(data: bytes, info: ImageInfo, *, reduce: int = 1, upright: bool = True) -> np.ndarray:
     """load_image for bytes already read and probed (`info` = probe(data)): the caller that needed the
-    header first does not read it twice."""
+    header first does not read it twice. `upright=False` leaves the EXIF orientation to the caller
+    (apply_orientation): the pixels in the file's own order, which board.tiles turns tile by tile."""
     if info.format in _OPENCV_FORMATS and info.mode in _COLOR_MODES and not info.transparent:
         rgb = _decode_color(data, reduce if info.format == "JPEG" else 1)
     elif info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES:
@@ -213,7 +214,7 @@ def decode(data: bytes, info: ImageInfo, *, reduce: int = 1) -> np.ndarray:
         rgb = None
     if rgb is None:
         rgb = _decode_pillow(data)
-    return _apply_orientation(rgb, info.orientation)
+    return apply_orientation(rgb, info.orientation) if upright else rgb
 
 
 def _decode_color(data: bytes, reduce: int = 1) -> np.ndarray | None:
@@ -352,9 +353,10 @@ def top_band(orientation: int, rows: int, upright: tuple[int, int]) -> tuple[tup
 
 
 def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
-    """The first `rows` stored rows of a baseline JPEG or a PNG, decoded without the rest and turned
-    upright: the part of `decode`'s image that top_band says, with the same values (board.tiles
-    checks), uint8 RGB; None where this does not apply (top_field) or the file is too short for them.
+    """The first `rows` rows of a baseline JPEG or a PNG in the file's own order, decoded without the
+    rest: those rows of decode(upright=False), with the same values (board.tiles checks), uint8 RGB;
+    None where this does not apply (top_field) or the file is too short for them. Turned upright they
+    are the band top_band says.
 
     The header is rewritten to say fewer rows, so the decoder stops after them: the cost is about that
     fraction of a full decode. One row step more than asked is decoded, because the last row of a JPEG
@@ -378,7 +380,7 @@ def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
                 top = _decode_pillow(patched)  # the conversions decode() makes
     except Exception:  # noqa: BLE001 - any failure only means no early rows; decode() reports real errors
         return None
-    return _apply_orientation(top[:rows], info.orientation)
+    return top[:rows]
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -389,7 +391,7 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return cv2.merge([cv2.bitwise_not(cv2.multiply(cv2.bitwise_not(c), alpha, scale=1 / 255)) for c in (r, g, b)])
 
 
-def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
+def apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation the way PIL.ImageOps.exif_transpose does."""
     if orientation == 2:
         return cv2.flip(rgb, 1)

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from .cpus import frontend_threads, submit
-from .errors import BundleError, InputError
-from .image_io import ImageInfo, decode, decode_top, probe, top_band, top_field
+from .errors import BundleError, ImageError, InputError
+from .image_io import ImageInfo, apply_orientation, decode, decode_top, probe, top_band, top_field
 from .resample import Resize, Span, chain, need, region, resize, supported
 
 # The reference's absolute bound on a resized side (MAX_IMAGE_SIZE in transformers' idefics3).
@@ -292,23 +292,45 @@ def split_bytes(data: bytes, settings: SplitSettings, max_tiles: Optional[int] =
 
 
 Parts = list[tuple[Span, "Future[np.ndarray]"]]  # one tile: its row bands and the jobs computing them
+Pixels = Union[np.ndarray, "Future[np.ndarray]"]  # an image, or the decode that will give it
 
 
-def _tile_parts(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], plan: TilePlan, place: int,
-                bands: int = 1, origin: tuple[int, int] = (0, 0)) -> Parts:
-    """Queue grid tile `place` on the front-end threads, in `bands` row bands, from `source` (the image,
-    or its part from `origin` on); `source` may be a decode still running (its jobs wait for it, which
-    cannot deadlock: it was queued before them)."""
+def upright_window(pixels: np.ndarray, orientation: int, upright_hw: tuple[int, int], rows: Span,
+                   cols: Span) -> np.ndarray:
+    """Rows x cols of the upright (h, w) image, cut from its pixels in the file's own order (which may
+    hold only the file's first rows) and turned by the EXIF orientation: only the window is turned."""
+    (a, b), (c, d), (h, w) = rows, cols, upright_hw
+    if orientation in (5, 6, 7, 8):  # the file's rows are the upright columns
+        file_rows = (w - d, w - c) if orientation in (6, 7) else (c, d)
+        file_cols = (h - b, h - a) if orientation in (7, 8) else (a, b)
+    else:
+        file_rows = (h - b, h - a) if orientation in (3, 4) else (a, b)
+        file_cols = (w - d, w - c) if orientation in (2, 3) else (c, d)
+    part = pixels[file_rows[0]:file_rows[1], file_cols[0]:file_cols[1]]
+    return part if orientation == 1 else apply_orientation(part, orientation)
+
+
+def _tile_parts(steps: list[Resize], source: Pixels, plan: TilePlan, place: int, bands: int = 1,
+                orientation: int = 1, upright_hw: tuple[int, int] = (0, 0)) -> Parts:
+    """Queue grid tile `place` on the front-end threads, in `bands` row bands, from `source`: the upright
+    image, or with an `orientation` the file's pixels of an upright_hw image. `source` may be a decode
+    still running: its jobs wait for it, which cannot deadlock, as it was queued before them."""
     T = plan.tile
     r, c = divmod(place, plan.cols)
     edges = [round(T * i / bands) for i in range(bands + 1)]
-    return [((a, b), submit(_region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T), origin))
+    return [((a, b), submit(_region, steps, source, (r * T + a, r * T + b), (c * T, c * T + T), orientation,
+                            upright_hw))
             for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _region(steps: list[Resize], source: Union[np.ndarray, "Future[np.ndarray]"], rows: Span, cols: Span,
-            origin: tuple[int, int]) -> np.ndarray:
-    return region(steps, source.result() if isinstance(source, Future) else source, rows, cols, origin)
+def _region(steps: list[Resize], source: Pixels, rows: Span, cols: Span, orientation: int,
+            upright_hw: tuple[int, int]) -> np.ndarray:
+    pixels = source.result() if isinstance(source, Future) else source
+    if orientation == 1:
+        return region(steps, pixels, rows, cols)
+    window = need(steps, rows, cols)
+    return region(steps, upright_window(pixels, orientation, upright_hw, *window), rows, cols,
+                  (window[0][0], window[1][0]))
 
 
 def _collect(parts: Parts, padded: np.ndarray, plan: TilePlan, place: int) -> np.ndarray:
@@ -333,7 +355,7 @@ def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact
     """The plan's tiles [T, T, 3] in order, each as soon as it is ready: the grid row by row, then the
     global view (a single tile when the plan has no grid).
 
-    `rgb` is the decoded image: plan.source, or smaller when the JPEG decoder reduced it
+    `rgb` is the decoded upright image: plan.source, or smaller when the JPEG decoder reduced it
     (decode_for_tiles). Each grid tile is resampled on its own, from the part of the image it depends
     on (board.resample), on the front-end threads: the first split over all of them, so the NPU can
     start early, the others one per thread; all are queued at once and finish about in order while the
@@ -369,20 +391,25 @@ def _cancel(jobs: Iterable[Parts]) -> None:
 # Early rows (start_decode) are decoded for images of at least this many pixels: below it the whole
 # decode takes a few milliseconds and a second decode of the top would not pay for itself.
 EARLY_DECODE_MIN_PIXELS = 1_000_000
-# ... and when the first tile row needs at most this share of the image's rows.
+# ... and when the grid line they are for needs at most this share of the file's rows.
 EARLY_DECODE_MAX_SHARE = 0.6
 
 
 class Decoding:
-    """An image file being decoded for splitting (start_decode): the plan is known from the header
-    before any pixel is; `pixels` is the whole decode (a Future), `top` an early decode of the file's
-    first rows (a Future of an array, or of None when that failed), which cover `top_region` of the
-    upright image: the grid tiles along one side can be cut from it."""
+    """An image file being decoded for splitting (start_decode). The plan is known from the header
+    before any pixel is; `pixels` is the whole decode in the file's own order (a Future), which
+    `orientation` turns upright (stream_tiles turns each tile's window, not the image), `decoded_hw`
+    its upright size (plan.source, or less when the JPEG is decoded reduced); `top` an early decode
+    of the file's first rows (a Future of an array, or of None when that failed), which become
+    `top_region` of the upright image."""
 
     def __init__(self, plan: TilePlan, settings: SplitSettings, decode_job: Optional[Callable[[], np.ndarray]] = None,
-                 *, pixels: Optional[np.ndarray] = None, top_job: Optional[Callable[[], Optional[np.ndarray]]] = None,
+                 *, pixels: Optional[np.ndarray] = None, orientation: int = 1,
+                 decoded_hw: Optional[tuple[int, int]] = None,
+                 top_job: Optional[Callable[[], Optional[np.ndarray]]] = None,
                  top_region: Optional[tuple[Span, Span]] = None):
-        self.plan, self.settings, self.top_region = plan, settings, top_region
+        self.plan, self.settings, self.orientation = plan, settings, orientation
+        self.decoded_hw, self.top_region = decoded_hw or plan.source, top_region
         self.started = time.perf_counter()
         self.decoded_at = self.started if pixels is not None else None
         if pixels is not None:
@@ -394,9 +421,18 @@ class Decoding:
 
     def _timed(self, job: Callable[[], np.ndarray]) -> np.ndarray:
         try:
-            return job()
+            pixels = job()
         finally:
             self.decoded_at = time.perf_counter()
+        upright = pixels.shape[:2][::-1] if self.orientation in (5, 6, 7, 8) else pixels.shape[:2]
+        if tuple(upright) != self.decoded_hw:  # the tiles' geometry was planned for this size
+            raise ImageError(f"the image decoded to {upright[1]}x{upright[0]}, not the "
+                             f"{self.decoded_hw[1]}x{self.decoded_hw[0]} its header gave")
+        return pixels
+
+    def upright(self) -> np.ndarray:
+        """The whole image, upright (waits for the decode)."""
+        return apply_orientation(self.pixels.result(), self.orientation)
 
     def cancel(self) -> None:
         for future in (self.pixels, self.top):
@@ -443,13 +479,15 @@ def start_decode(data: bytes, settings: SplitSettings, max_tiles: Optional[int] 
     can cut those tiles, and the NPU start on them, while the whole image is still decoding.
     """
     info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
-    top_job, region = None, None
+    top_job, region_ = None, None
     if (reduction == 1 and supported(chosen.resample) and frontend_threads() >= 2
             and info.width * info.height >= EARLY_DECODE_MIN_PIXELS and top_field(data, info) is not None):
         rows = _early_rows(plan, chosen, info.orientation)
         if rows is not None:
-            top_job, region = partial(decode_top, data, info, rows), top_band(info.orientation, rows, plan.source)
-    return Decoding(plan, chosen, partial(decode, data, info, reduce=reduction), top_job=top_job, top_region=region)
+            top_job, region_ = partial(decode_top, data, info, rows), top_band(info.orientation, rows, plan.source)
+    decoded_hw = tuple(-(-side // reduction) for side in plan.source)  # libjpeg's scaled size rounds up
+    return Decoding(plan, chosen, partial(decode, data, info, reduce=reduction, upright=False),
+                    orientation=info.orientation, decoded_hw=decoded_hw, top_job=top_job, top_region=region_)
 
 
 def _inside(inner: tuple[Span, Span], outer: tuple[Span, Span]) -> bool:
@@ -457,36 +495,41 @@ def _inside(inner: tuple[Span, Span], outer: tuple[Span, Span]) -> bool:
 
 
 def stream_tiles(decoding: Decoding, *, exact: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-    """(place, tile) for the plan's tiles (place = index in cut_tiles' order), each as soon as it is
-    ready, the early ones first. A place can come twice, and then the later tile is the right one:
-    the grid tiles inside the early decode's region are cut from it, and the part of it they read is
-    compared with the whole decode once that is there; if the two differ (they should not: one
-    file, one codec library), those tiles are cut again.
+    """(place, tile) for the plan's tiles (place = index in cut_tiles' order, the same tiles), each as
+    soon as it is ready, the early ones first.
+
+    Each grid tile reads its window of the file's pixels and turns only that upright, so a turned
+    photo is never turned whole. The tiles inside the early decode's region are cut from it; a place
+    can then come twice, and the later tile is the right one: the early rows are compared with the
+    whole decode once that is there, and if they differ (they should not: one file, one codec
+    library), those tiles are cut again.
     """
-    plan, settings = decoding.plan, decoding.settings
-    top = decoding.top.result() if decoding.top is not None else None
-    if top is None or decoding.top_region is None:
-        yield from enumerate(cut_tiles(decoding.pixels.result(), plan, settings, exact=exact))
-        return
-    (r0, r1), (c0, c1) = decoding.top_region
-    steps = chain(plan.source, [plan.resized, plan.padded], settings.resample, exact=exact)
+    plan, settings, orientation = decoding.plan, decoding.settings, decoding.orientation
     T, grid = plan.tile, plan.rows * plan.cols
-    reads = {p: need(steps, *_tile_spans(plan, p)) for p in range(grid)}
-    early = [p for p in range(grid) if _inside(reads[p], decoding.top_region)]
+    if not (settings.do_image_splitting and plan.rows and supported(settings.resample)):
+        yield from enumerate(cut_tiles(decoding.upright(), plan, settings, exact=exact))
+        return
+    steps = chain(decoding.decoded_hw, [plan.resized, plan.padded], settings.resample, exact=exact)
+    top = decoding.top.result() if decoding.top is not None else None
+    early: list[int] = []
+    if top is not None and decoding.top_region is not None:
+        early = [p for p in range(grid) if _inside(need(steps, *_tile_spans(plan, p)), decoding.top_region)]
     later = [p for p in range(grid) if p not in early]
-    bands = max(1, frontend_threads() - 1)  # one thread is still decoding
-    jobs = {p: _tile_parts(steps, top, plan, p, bands if i == 0 else 1, (r0, c0)) for i, p in enumerate(early)}
-    jobs.update({p: _tile_parts(steps, decoding.pixels, plan, p) for p in later})
+    bands = frontend_threads() - 1 if early else frontend_threads()  # while a thread is still decoding
+    order = early + later
+    turn = (orientation, decoding.decoded_hw)
+    jobs = {p: _tile_parts(steps, top if p in early else decoding.pixels, plan, p,
+                           max(1, bands) if i == 0 else 1, *turn) for i, p in enumerate(order)}
     padded = np.empty((*plan.padded, 3), np.uint8)
     try:
         for p in early:
             yield p, _collect(jobs[p], padded, plan, p)
-        full = decoding.pixels.result()
-        (a, b), (c, d) = ((min(reads[p][k][0] for p in early), max(reads[p][k][1] for p in early)) for k in (0, 1))
-        if not np.array_equal(full[a:b, c:d], top[a - r0:b - r0, c - c0:d - c0]):
-            jobs.update({p: _tile_parts(steps, full, plan, p) for p in early})
-            for p in early:
-                yield p, _collect(jobs[p], padded, plan, p)
+        if early:
+            full = decoding.pixels.result()
+            if not np.array_equal(full[:len(top)], top):
+                jobs.update({p: _tile_parts(steps, full, plan, p, 1, *turn) for p in early})
+                for p in early:
+                    yield p, _collect(jobs[p], padded, plan, p)
         for p in later:
             yield p, _collect(jobs[p], padded, plan, p)
     finally:

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 import board.tiles as tiles_module
-from board.image_io import decode, decode_top, jpeg_frame, png_header, probe, top_band
-from board.tiles import SplitSettings, cut_tiles, decode_for_tiles, split_bytes, start_decode, stream_tiles
+from board.image_io import apply_orientation, decode, decode_top, jpeg_frame, png_header, probe, top_band
+from board.tiles import (SplitSettings, cut_tiles, decode_for_tiles, split_bytes, start_decode, stream_tiles,
+                         upright_window)
 
 SETTINGS = SplitSettings(longest_edge=2048, tile=512)
 
@@ -97,14 +98,24 @@ def cv2_png16(img: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_the_top_rows_of_a_turned_photo_are_the_band_of_the_upright_image_they_become(big, orientation):
+def test_the_top_rows_of_a_turned_photo_become_the_band_top_band_says(big, orientation):
     data = with_orientation(big, orientation)
     info = probe(data)
-    whole = decode(data, info)
+    stored, whole = decode(data, info, upright=False), decode(data, info)
+    assert np.array_equal(apply_orientation(stored, orientation), whole)
     top = decode_top(data, info, 100)
+    assert top is not None and np.array_equal(top, stored[:100])
     (r0, r1), (c0, c1) = top_band(orientation, 100, whole.shape[:2])
-    assert (r1 - r0) * (c1 - c0) == 100 * 1600 and top is not None
-    assert np.array_equal(top, whole[r0:r1, c0:c1])
+    assert np.array_equal(apply_orientation(top, orientation), whole[r0:r1, c0:c1])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_window_of_the_upright_image_is_cut_from_the_files_pixels(orientation):
+    stored = np.random.default_rng(orientation).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    whole = apply_orientation(stored, orientation)
+    for rows, cols in [((0, 5), (0, 7)), ((3, 11), (20, whole.shape[1])), ((whole.shape[0] - 1, whole.shape[0]), (1, 2))]:
+        window = upright_window(stored, orientation, whole.shape[:2], rows, cols)
+        assert np.array_equal(window, whole[rows[0]:rows[1], cols[0]:cols[1]]), (rows, cols)
 
 
 def test_only_baseline_jpegs_and_pngs_have_an_early_decode(big):
@@ -183,3 +194,29 @@ def test_a_failed_early_decode_falls_back_to_the_whole_image(big, early_for_smal
     monkeypatch.setattr(tiles_module, "decode_top", lambda *args: None)
     places = [place for place, _ in stream_tiles(start_decode(big, SETTINGS))]
     assert places == list(range(13))
+
+
+@pytest.mark.parametrize("reduce", [1, 2])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_turning_each_tiles_window_gives_the_tiles_of_the_turned_image(big, monkeypatch, orientation, reduce):
+    """Without an early decode too, and from a reduced JPEG decode: the file's pixels are never turned
+    whole, and the tiles are those of the upright image."""
+    monkeypatch.setattr(tiles_module, "EARLY_DECODE_MIN_PIXELS", 10**12)
+    monkeypatch.setattr(tiles_module, "jpeg_reduction", lambda *args: reduce)
+    data = with_orientation(big, orientation)
+    decoding = start_decode(data, SETTINGS)
+    assert decoding.top is None and decoding.orientation == orientation
+    places, tiles = zip(*stream_tiles(decoding))
+    rgb = decode(data, probe(data), reduce=reduce)
+    assert decoding.decoded_hw == rgb.shape[:2]
+    expected = list(cut_tiles(rgb, decoding.plan, decoding.settings))
+    assert list(places) == list(range(13))
+    assert all(np.array_equal(tile, want) for tile, want in zip(tiles, expected))
+
+
+def test_a_decode_of_another_size_than_the_header_said_is_refused(big, monkeypatch):
+    from board.errors import ImageError
+
+    monkeypatch.setattr(tiles_module, "decode", lambda *args, **kwargs: np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(ImageError, match="decoded to 10x10, not the 1600x1200"):
+        list(stream_tiles(start_decode(big, SETTINGS)))
