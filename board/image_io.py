@@ -195,8 +195,9 @@ def load_image(
     """Decode an image to an upright HxWx3 uint8 RGB array, as the reference pipeline sees it.
 
     `reduce` (2, 4 or 8) lets libjpeg decode a JPEG at that fraction of its size (ceil of each side),
-    which costs a fraction of a full decode; other formats ignore it. Only board.tiles.decode_for_tiles
-    asks for it, where the result stays within the parity tolerance.
+    which costs a fraction of a full decode; other formats ignore it. Only board.tiles asks for it
+    (through `decode`, where plan_decode's jpeg_reduction says the result stays within the parity
+    tolerance).
     """
     data = read_bytes(source, max_bytes=max_bytes)
     return decode(data, probe(data, max_pixels=max_pixels), reduce=reduce)

@@ -18,6 +18,13 @@ LANCZOS4 and CUBIC all break the tolerance). board.resample reimplements Pillow'
 banded matrix products: `resize` is bit-identical to Pillow; the tiles use its float32 form (within
 2 levels of Pillow, faster) and are computed tile by tile on the big cores, so the NPU
 can start on the first tiles while the others are cut (`cut_tiles`).
+
+From a file (`start_decode`, `stream_tiles`, what the pipeline runs) the decode overlaps the cutting
+too: the plan comes from the header; for a large baseline JPEG or PNG the file's first rows are
+decoded on their own, in a fraction of the time, on one thread while another decodes the whole file,
+and the grid tiles along the side of the image they become are cut from them (then checked against
+the whole decode); a turned photo (EXIF orientation) is never turned whole, each tile turns its
+window of the file's pixels.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time the board front end against transformers' processor on the same images, and check parity.
 
-Per image: ours = what the pipeline runs (board.tiles.split_bytes: decode_for_tiles + cut_tiles, on the
+Per image: ours = what the pipeline runs (board.tiles.split_bytes: start_decode + stream_tiles, on the
 front-end threads, + board.prompt.build_prompt); reference = PIL open + ImageOps.exif_transpose +
 apply_chat_template + the Idefics3 processor (what a transformers user runs). Both are timed from the
 encoded file (decode included, the figure a user feels) and from already-decoded pixels

@@ -220,3 +220,14 @@ def test_a_decode_of_another_size_than_the_header_said_is_refused(big, monkeypat
     monkeypatch.setattr(tiles_module, "decode", lambda *args, **kwargs: np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(ImageError, match="decoded to 10x10, not the 1600x1200"):
         list(stream_tiles(start_decode(big, SETTINGS)))
+
+
+def test_a_file_cut_short_after_its_early_rows_is_refused_once_the_whole_decode_fails(big):
+    """The early rows decode (the data for them is there); the whole decode then fails and says why."""
+    from board.errors import ImageError
+
+    short = big[: len(big) * 3 // 4]
+    decoding = start_decode(short, SETTINGS)
+    assert decoding.top is not None and decoding.top.result() is not None
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        list(stream_tiles(decoding))
