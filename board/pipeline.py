@@ -176,10 +176,12 @@ def open_vision_encoder(bundle: Bundle, *, emulate: bool, npu_cores: str = "para
 class _MediaEncoding:
     """One turn's images (and video frames) on their way through the front end and the vision encoder.
 
-    The caller's thread decodes and cuts one image after the other (the pixel work runs on the big
-    cores, board.cpus) and hands each tile to the encoder's job as soon as it exists; the encoder's
-    workers run the NPU meanwhile. `finish()` waits for every row, in order, and fills the session
-    cache. Timings: image_decode_ms and tiles_ms are the front end's time, vision_ms the wait for rows
+    The caller's thread decodes and cuts one image after the other (board.tiles.stream_tiles; the pixel
+    work runs on the big cores, board.cpus) and hands each tile to the encoder's job as soon as it
+    exists, noting where in the job each of the image's tiles is (the stream may send a tile early and
+    again later; the later one counts); the encoder's workers run the NPU meanwhile. `finish()` waits
+    for every row and fills the session cache. Timings: image_decode_ms (to the end of the whole
+    decode) and tiles_ms (from there to the last tile) are the front end's time, vision_ms the wait for rows
     after the last tile was cut (the NPU time the front end did not hide), npu_ms the span from the
     first tile handed over to the last row back.
     """
