@@ -65,11 +65,15 @@ class Stream:
             pass
 
     def events(self):
-        """The `data:` payloads until the stream ends (chunked framing skipped)."""
+        """The `data:` payloads until [DONE] (chunked framing skipped); not until the socket closes,
+        which a keep-alive connection does only seconds later."""
         for line in self.reader:
             if line.startswith(b"data: "):
                 payload = line[6:].strip()
-                yield payload if payload == b"[DONE]" else json.loads(payload)
+                if payload == b"[DONE]":
+                    yield payload
+                    return
+                yield json.loads(payload)
 
     def close(self) -> None:
         self.reader.close()
