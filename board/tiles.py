@@ -522,11 +522,11 @@ def stream_tiles(decoding: Decoding, *, exact: bool = False) -> Iterator[tuple[i
     if top is not None and decoding.top_region is not None:
         early = [p for p in range(grid) if _inside(need(steps, *_tile_spans(plan, p)), decoding.top_region)]
     later = [p for p in range(grid) if p not in early]
-    bands = frontend_threads() - 1 if early else frontend_threads()  # while a thread is still decoding
-    order = early + later
+    # the first tile in row bands, one per thread (but the one decoding the whole file, if it is early)
+    first_bands = max(1, frontend_threads() - 1) if early else frontend_threads()
     turn = (orientation, decoding.decoded_hw)
-    jobs = {p: _tile_parts(steps, top if p in early else decoding.pixels, plan, p,
-                           max(1, bands) if i == 0 else 1, *turn) for i, p in enumerate(order)}
+    jobs = {p: _tile_parts(steps, top if p in early else decoding.pixels, plan, p, first_bands if i == 0 else 1,
+                           *turn) for i, p in enumerate(early + later)}
     padded = np.empty((*plan.padded, 3), np.uint8)
     try:
         for p in early:
