@@ -222,10 +222,15 @@ def _decode_color(data: bytes, reduce: int = 1) -> np.ndarray | None:
     """An opaque RGB or grayscale file as 3-channel 8-bit RGB (16-bit samples keep their high byte, as
     libpng strips them), a JPEG at 1/reduce of its size (2, 4, 8); no EXIF rotation. OpenCV 4.10+
     has the decoder write RGB itself (IMREAD_COLOR_RGB), saving a conversion pass."""
-    flags = _REDUCED_FLAGS.get(reduce, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    buffer = np.frombuffer(data, np.uint8)
     if _IMREAD_RGB is not None:
-        return cv2.imdecode(np.frombuffer(data, np.uint8), flags | _IMREAD_RGB)
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        # the reduction's scale bits without IMREAD_COLOR (BGR), which OpenCV 5 refuses beside COLOR_RGB
+        scale = _REDUCED_FLAGS[reduce] & ~cv2.IMREAD_COLOR if reduce in _REDUCED_FLAGS else 0
+        try:
+            return cv2.imdecode(buffer, scale | _IMREAD_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        except cv2.error:  # a build that takes the flags otherwise: the BGR way below
+            pass
+    pixels = cv2.imdecode(buffer, _REDUCED_FLAGS.get(reduce, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION)
     return None if pixels is None else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 

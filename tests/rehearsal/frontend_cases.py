@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # run as a script: the project folder (board/) tw
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from board.bundle import Bundle  # noqa: E402
-from board.image_io import load_image  # noqa: E402
+from board.image_io import read_bytes  # noqa: E402
 from board.prompt import build_prompt  # noqa: E402
-from board.tiles import SplitSettings, normalize_tiles, split_image  # noqa: E402
+from board.tiles import SplitSettings, normalize_tiles, split_bytes  # noqa: E402
 
 REFERENCE = "frontend_ref.npz"
 # The parity tolerances of tests/test_frontend_parity.py, on the normalized [-1, 1] scale.
@@ -51,11 +51,14 @@ def _document(h: int, w: int) -> np.ndarray:
 
 
 def make_images(folder: Path) -> list[Path]:
-    """Write the test images (PNG, JPEG, RGBA, palette, grayscale: each decoder path) and list them."""
+    """Write the test images (PNG, JPEG, RGBA, palette, grayscale, a turned JPEG: each decoder path) and
+    list them."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     alpha = np.random.default_rng(5).integers(0, 256, (90, 160), dtype=np.uint8)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
     images: dict[str, tuple[Image.Image, dict[str, Any]]] = {
         "photo-37x53.png": (Image.fromarray(_photo(37, 53, 1)), {}),
         "photo-150x200.jpg": (Image.fromarray(_photo(150, 200, 2)), {"quality": 90}),
@@ -63,6 +66,8 @@ def make_images(folder: Path) -> list[Path]:
         "photo-rgba-90x160.png": (Image.fromarray(np.dstack([_photo(90, 160, 3), alpha])), {}),
         "photo-palette-64x48.png": (Image.fromarray(_photo(64, 48, 4)).convert("P"), {}),
         "photo-gray-200x40.png": (Image.fromarray(_photo(200, 40, 6)).convert("L"), {}),
+        # 1.2 MP and turned (EXIF 6): the early decode of the file's first rows and the per-tile turning
+        "photo-exif6-1280x960.jpg": (Image.fromarray(_photo(960, 1280, 7)), {"quality": 90, "exif": rotated.tobytes()}),
     }
     paths = []
     for name, (image, options) in images.items():
@@ -81,7 +86,7 @@ def front_end(bundle_dir: Path, images: list[Path]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     plans = []
     for path in sorted(images, key=lambda p: p.name):
-        tiled = split_image(load_image(path), settings)
+        tiled = split_bytes(read_bytes(path), settings)  # what the pipeline runs on a file
         prompt = build_prompt(one, [tiled.plan], fmt, tokenizer, bundle.image_token_id)
         out[f"{path.name}/tiles"] = tiled.tiles
         out[f"{path.name}/grid"] = np.array([tiled.rows, tiled.cols])
