@@ -263,6 +263,11 @@ def _decode_pillow(data: bytes) -> np.ndarray:
             im.load()
     except Exception as exc:  # truncated or corrupt data surfaces here, with many exception types
         raise ImageError(f"the image data is corrupt or truncated: {exc}") from exc
+    return _pillow_rgb(im)
+
+
+def _pillow_rgb(im: Image.Image) -> np.ndarray:
+    """A loaded Pillow image as RGB uint8, converted the way the reference processor does."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # Pillow clips these to 255 on convert("RGB"); keep the high byte instead (see module doc).
         wide = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
@@ -375,15 +380,15 @@ def decode_top(data: bytes, info: ImageInfo, rows: int) -> Optional[np.ndarray]:
     height = -(-rows // field.row_step) * field.row_step + field.row_step
     if height >= field.height:
         return None
-    patched = field.rewrite(data, height)
     try:
-        with Image.open(io.BytesIO(patched)) as im:
+        with Image.open(io.BytesIO(field.rewrite(data, height))) as im:
             if im.size != (info.width, height):
                 return None
-            if im.mode == "RGB" and im.info.get("transparency") is None:
+            im.load()
+            if im.mode == "RGB" and not info.transparent:
                 top = np.asarray(im)  # one copy (read-only: only read by the tiles)
             else:
-                top = _decode_pillow(patched)  # the conversions decode() makes
+                top = _pillow_rgb(im)  # the conversions decode() makes
     except Exception:  # noqa: BLE001 - any failure only means no early rows; decode() reports real errors
         return None
     return top[:rows]

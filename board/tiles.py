@@ -363,7 +363,7 @@ def cut_tiles(rgb: np.ndarray, plan: TilePlan, settings: SplitSettings, *, exact
     global view (a single tile when the plan has no grid).
 
     `rgb` is the decoded upright image: plan.source, or smaller when the JPEG decoder reduced it
-    (decode_for_tiles). Each grid tile is resampled on its own, from the part of the image it depends
+    (plan_decode). Each grid tile is resampled on its own, from the part of the image it depends
     on (board.resample), on the front-end threads: the first split over all of them, so the NPU can
     start early, the others one per thread; all are queued at once and finish about in order while the
     caller hands the first ones to the NPU. The global view is the grid's padded image resized to one
@@ -574,10 +574,3 @@ def plan_decode(data: bytes, settings: SplitSettings,
     plan = plan_tiles(*upright, chosen)
     return info, plan, chosen, jpeg_reduction(upright, plan.resized) if chosen.do_resize else 1
 
-
-def decode_for_tiles(data: bytes, settings: SplitSettings,
-                     max_tiles: Optional[int] = None) -> tuple[np.ndarray, TilePlan, SplitSettings]:
-    """Decode an image file (`data` as board.image_io.read_bytes returned it, so within the size limit)
-    for splitting, in the calling thread: (pixels, plan, settings within the tile budget); plan_decode."""
-    info, plan, chosen, reduction = plan_decode(data, settings, max_tiles)
-    return decode(data, info, reduce=reduction), plan, chosen

@@ -131,15 +131,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> Any:
                           timeout=timeout, cwd=cwd or ROOT, env=env)
 
 
-def write_image(path: Path, h: int, w: int, seed: int) -> Path:
-    """A photo-like PNG (smooth fields + noise) so tiles differ from each other."""
-    from PIL import Image
-
+def photo_pixels(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Photo-like HxWx3 uint8 pixels (smooth fields + noise), so tiles differ from each other."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.stack([128 + 90 * np.sin(x / (31 + seed) + y / 97), 128 + 90 * np.cos(y / 29 - x / 300),
                     128 + 70 * np.sin((x - y) / 17)], -1) + rng.normal(0, 12, (h, w, 3))
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, h: int, w: int, seed: int) -> Path:
+    """A photo-like PNG (photo_pixels)."""
+    from PIL import Image
+
+    Image.fromarray(photo_pixels(h, w, seed)).save(path)
     return path
 
 

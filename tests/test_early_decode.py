@@ -12,18 +12,11 @@ from PIL import Image
 
 import board.tiles as tiles_module
 from board.image_io import apply_orientation, decode, decode_top, jpeg_frame, png_header, probe, top_band
-from board.tiles import (SplitSettings, cut_tiles, decode_for_tiles, split_bytes, start_decode, stream_tiles,
+from board.tiles import (SplitSettings, cut_tiles, plan_decode, split_bytes, start_decode, stream_tiles,
                          upright_window)
+from support import photo_pixels
 
 SETTINGS = SplitSettings(longest_edge=2048, tile=512)
-
-
-def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([128 + 90 * np.sin(x / 37 + y / 97), 128 + 90 * np.cos(y / 29 - x / 300),
-                    128 + 70 * np.sin((x - y) / 17)], -1) + rng.normal(0, 12, (h, w, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def jpeg(img: np.ndarray, **save: object) -> bytes:
@@ -40,9 +33,15 @@ def with_orientation(data: bytes, orientation: int) -> bytes:
     return out.getvalue()
 
 
+def serial_tiles(data: bytes) -> tuple[list[np.ndarray], object]:
+    """The oracle: the whole file decoded upright, then cut_tiles; (tiles, plan)."""
+    info, plan, chosen, reduction = plan_decode(data, SETTINGS)
+    return list(cut_tiles(decode(data, info, reduce=reduction), plan, chosen)), plan
+
+
 @pytest.fixture(scope="module")
 def big() -> bytes:
-    return jpeg(photo(1200, 1600))
+    return jpeg(photo_pixels(1200, 1600))
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ def early_for_small_images(monkeypatch):
 @pytest.mark.parametrize("kind, save, mcu", [("4:2:0", {}, 16), ("4:4:4", {"subsampling": 0}, 8),
                                               ("4:2:2", {"subsampling": 1}, 8), ("gray", {}, 8)])
 def test_the_top_rows_are_the_whole_decodes_rows(kind, save, mcu):
-    img = photo(300, 410)
+    img = photo_pixels(300, 410)
     data = jpeg(img[:, :, 0] if kind == "gray" else img, **save)
     frame, info = jpeg_frame(data), probe(data)
     assert frame is not None and (frame.height, frame.row_step) == (300, mcu)
@@ -73,7 +72,7 @@ def png(img: np.ndarray, mode: str = "RGB", **save: object) -> bytes:
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "16-bit"])
 def test_a_pngs_top_rows_are_the_whole_decodes_rows(mode):
-    img = photo(240, 330)
+    img = photo_pixels(240, 330)
     if mode == "16-bit":
         data = cv2_png16(img)
     elif mode == "RGBA":
@@ -119,7 +118,7 @@ def test_a_window_of_the_upright_image_is_cut_from_the_files_pixels(orientation)
 
 
 def test_only_baseline_jpegs_and_pngs_have_an_early_decode(big):
-    img = photo(200, 300)
+    img = photo_pixels(200, 300)
     progressive = jpeg(img, progressive=True)
     webp = io.BytesIO()
     Image.fromarray(img).save(webp, "WEBP")
@@ -151,8 +150,7 @@ def test_the_stream_cuts_the_same_tiles_from_the_early_rows(big, early_for_small
     decoding = start_decode(data, SETTINGS)
     assert decoding.top is not None and decoding.top_region is not None
     places, tiles = zip(*stream_tiles(decoding))
-    rgb, plan, chosen = decode_for_tiles(data, SETTINGS)
-    expected = list(cut_tiles(rgb, plan, chosen))
+    expected, plan = serial_tiles(data)
     grid, early = EARLY_PLACES[orientation]
     assert (plan.rows, plan.cols) == grid
     assert list(places) == early + [p for p in range(12) if p not in early] + [12]  # each place once
@@ -167,8 +165,7 @@ def test_early_rows_that_differ_from_the_whole_decode_are_cut_again(big, early_f
     monkeypatch.setattr(tiles_module, "decode_top", lambda *args: 255 - real(*args))  # wrong rows
     places, tiles = zip(*stream_tiles(start_decode(big, SETTINGS)))
     assert list(places) == [0, 1, 2, 3] + list(range(13))  # the first row twice, the later ones right
-    rgb, plan, chosen = decode_for_tiles(big, SETTINGS)
-    expected = list(cut_tiles(rgb, plan, chosen))
+    expected, _ = serial_tiles(big)
     assert not np.array_equal(tiles[0], expected[0])
     final = {place: tile for place, tile in zip(places, tiles)}
     assert all(np.array_equal(final[p], expected[p]) for p in range(13))
@@ -179,7 +176,7 @@ def test_no_early_decode_where_it_does_not_pay(big, early_for_small_images, monk
     webp = io.BytesIO()
     Image.open(io.BytesIO(big)).save(webp, "WEBP")
     assert start_decode(webp.getvalue(), SETTINGS).top is None  # WebP: no early decode
-    assert start_decode(png(photo(1200, 1600)), SETTINGS).top is not None  # a PNG has one
+    assert start_decode(png(photo_pixels(1200, 1600)), SETTINGS).top is not None  # a PNG has one
     with monkeypatch.context() as reduced:
         reduced.setattr(tiles_module, "jpeg_reduction", lambda *args: 2)
         assert start_decode(big, SETTINGS).top is None  # decoded reduced: the whole decode is short
@@ -187,7 +184,7 @@ def test_no_early_decode_where_it_does_not_pay(big, early_for_small_images, monk
     monkeypatch.setattr(tiles_module, "frontend_threads", lambda: 1)
     assert start_decode(big, SETTINGS).top is None  # one thread: nothing to run it on
     monkeypatch.undo()
-    assert start_decode(jpeg(photo(600, 800)), SETTINGS).top is None  # 0.5 MP: below the size where it pays
+    assert start_decode(jpeg(photo_pixels(600, 800)), SETTINGS).top is None  # 0.5 MP: below the size where it pays
 
 
 def test_a_failed_early_decode_falls_back_to_the_whole_image(big, early_for_small_images, monkeypatch):

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from board import resample as R
-from board.image_io import load_image
-from board.tiles import (REDUCED_DECODE_MARGIN, SplitSettings, cut_tiles, decode_for_tiles, jpeg_reduction,
+from board.image_io import decode, load_image
+from board.tiles import (REDUCED_DECODE_MARGIN, SplitSettings, cut_tiles, jpeg_reduction, plan_decode,
                          normalize_tiles, plan_tiles, split_image)
 
 RNG = np.random.default_rng(17)
@@ -116,12 +116,14 @@ def test_reduced_jpeg_decode_stays_within_the_parity_tolerance():
 
     data = _jpeg(3000, 4000)
     settings = SplitSettings(longest_edge=2048, tile=512)
-    rgb, plan, chosen = decode_for_tiles(data, settings, max_tiles=5)
-    assert rgb.shape == (1500, 2000, 3) and plan.source == (3000, 4000) and (plan.rows, plan.cols) == (2, 2)
+    info, plan, chosen, reduction = plan_decode(data, settings, max_tiles=5)
+    rgb = decode(data, info, reduce=reduction)
+    assert reduction == 2 and rgb.shape == (1500, 2000, 3) and plan.source == (3000, 4000) and (plan.rows, plan.cols) == (2, 2)
     ours = normalize_tiles(np.stack(list(cut_tiles(rgb, plan, chosen))), chosen)
     ref = Idefics3ImageProcessorPil(size={"longest_edge": chosen.longest_edge}, max_image_size={"longest_edge": 512},
                                     resample=1)(Image.open(io.BytesIO(data)), return_tensors="np")
     diff = np.abs(ours - ref["pixel_values"][0][: plan.n_tiles])
     assert diff.mean() <= 0.01 and diff.max() <= 0.1, (diff.mean(), diff.max())
     full = load_image(data)  # at full size: no reduction without the margin
-    assert decode_for_tiles(data, settings)[0].shape == full.shape == (3000, 4000, 3)
+    info, _, _, reduction = plan_decode(data, settings)
+    assert reduction == 1 and decode(data, info, reduce=reduction).shape == full.shape == (3000, 4000, 3)
