@@ -20,7 +20,7 @@ into blocks of BLOCK outputs so the zeros outside the band cost little, and run 
   exactly, so the result is Pillow's bit for bit, whatever order BLAS sums in.
 - float32 (the pipeline's choice): products round to 24 bits, so an output whose exact value lies
   within ~1e-4 of a rounding boundary can come out one level off; with two passes, at most 2 levels
-  (measured: tiles mean 7e-6, max 0.016 from Pillow's on the normalized scale). 1.2-1.8x faster
+  (measured: tiles mean 7e-6, max 0.016 from Pillow's on the normalized scale). 1.2-2.2x faster
   than Pillow per core (docs/frontend.md); float64 about as fast as Pillow.
 The vertical pass multiplies a block of weights [outputs, inputs] by the input rows, whole rows wide
 (a short, wide product, which BLAS runs fast); the horizontal pass transposes the image (cv2), runs the
