@@ -31,6 +31,7 @@ the next run or a cache clear, in case the runtime keeps a pointer into it with 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import queue
@@ -95,6 +96,15 @@ def _complete_utf8_prefix(data: bytes) -> int:
 
 # enabled_cpus' default: board.cpus.rkllm_cpus(), the big cores (None: the runtime's own choice)
 BIG_CORES: Sequence[int] = (-1,)
+
+
+
+def add_embed_flash_option(parser: "argparse.ArgumentParser") -> None:
+    """--embed-flash / --no-embed-flash, one wording for run.py and serve.py: None keeps the bundle's default."""
+    parser.add_argument("--embed-flash", action=argparse.BooleanOptionalAction, default=None,
+                        help="librkllmrt reads its word-embedding table from flash instead of RAM (saves memory; "
+                             "the board feeds embeddings itself). Default: what the bundle records "
+                             "(host.convert --embed-flash); no effect with --emulate")
 
 
 @dataclass(frozen=True)

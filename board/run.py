@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script (python board/run.py): board/_s
     runpy.run_path(str(Path(__file__).with_name("_script_path.py")))
 
 from board.decoder import DEFAULT_TOP_K, SamplingParams  # noqa: E402
+from board.decoder_rkllm import add_embed_flash_option  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.image_io import require_regular_file  # noqa: E402
 from board.prompt import CONTROL_TOKEN_POLICIES  # noqa: E402
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats", action="store_true", help="print the timings to stderr after each answer")
     parser.add_argument("--vision-fallback", action="store_true", help="use the bundle's fallback vision model "
                         "(fp16, Rockchip's conv input layout; host.convert --vision-fallback) instead of the main one")
+    add_embed_flash_option(parser)
     return parser
 
 
@@ -326,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         with Pipeline(args.bundle, emulate=args.emulate, verify=not args.no_verify, npu_cores=args.npu_cores,
                       max_tiles=args.max_tiles, sampling=sampling, vision_fallback=args.vision_fallback,
-                      control_tokens=args.control_tokens) as pipeline:
+                      control_tokens=args.control_tokens, embed_flash=args.embed_flash) as pipeline:
             if args.chat:
                 return chat_loop(pipeline, args, sampling, out)
             with Interrupts(pipeline):

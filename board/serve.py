@@ -58,6 +58,7 @@ from starlette.responses import Response, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from board.decoder import SamplingParams  # noqa: E402
+from board.decoder_rkllm import add_embed_flash_option  # noqa: E402
 from board.errors import InputError, SmolVLMError  # noqa: E402
 from board.openai_schemas import (  # noqa: E402
     API_KEY_ENV,
@@ -562,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-fallback", action="store_true", help="use the bundle's fallback vision model "
                         "(fp16, Rockchip's conv input layout; host.convert --vision-fallback) instead of the main "
                         "one, as the board doctor may advise")
+    add_embed_flash_option(parser)
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     parser.add_argument("--quiet", action="store_true", help="no access log")
     return parser
@@ -621,7 +623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = config_from_args(args, bundle.max_context)
     spec = WorkerSpec(str(Path(args.bundle).expanduser().resolve()), emulate=args.emulate, verify=not args.no_verify,
                       npu_cores=args.npu_cores, vision_fallback=args.vision_fallback, max_tiles=args.max_tiles,
-                      control_tokens=args.control_tokens,
+                      control_tokens=args.control_tokens, embed_flash=args.embed_flash,
                       cache_bytes=int(args.vision_cache_mb * (1 << 20)))
     try:
         server = Server(config, spec, model=config.model_name or model_slug(bundle.model_id),

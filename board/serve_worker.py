@@ -57,6 +57,7 @@ class WorkerSpec:
     max_tiles: Optional[int] = None
     control_tokens: str = "text"
     cache_bytes: int = 256 << 20
+    embed_flash: Optional[bool] = None  # None: the bundle's default
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
 
         pipeline = Pipeline(spec.bundle, emulate=spec.emulate, verify=spec.verify, npu_cores=spec.npu_cores,
                             vision_fallback=spec.vision_fallback, max_tiles=spec.max_tiles,
-                            control_tokens=spec.control_tokens,
+                            control_tokens=spec.control_tokens, embed_flash=spec.embed_flash,
                             cache_bytes=spec.cache_bytes)
     except SmolVLMError as err:
         conn.send(LoadFailed(str(err)))

@@ -316,3 +316,21 @@ def test_control_tokens_flag(bundle):
                                                     "--max-new-tokens", "1", "--control-tokens", policy, question])
                                     )["timings"]["prompt_tokens"]
     assert counts["text"] > counts["special"]
+
+
+def test_embed_flash_flag_reaches_the_pipeline(bundle, monkeypatch, capsys):
+    """--embed-flash / --no-embed-flash override the bundle's default; without either the pipeline is given None."""
+    import board.pipeline
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["embed_flash"])
+            raise PromptError("stop here")
+
+    monkeypatch.setattr(board.pipeline, "Pipeline", Recorder)
+    for flags in ([], ["--embed-flash"], ["--no-embed-flash"]):
+        assert main(["--bundle", str(bundle), "--emulate", *flags, "hi"]) != 0
+    assert seen == [None, True, False]
+    assert "stop here" in capsys.readouterr().err

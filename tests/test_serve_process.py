@@ -240,7 +240,8 @@ def test_sigterm_while_loading_exits_0_at_once(bundle):
 
 def test_vision_fallback_reaches_the_worker_or_fails_before_listening(bundle, tmp_path, monkeypatch):
     """--vision-fallback (what the board doctor may advise) is honoured by the server's worker; a bundle
-    converted without the fallback model is refused in one line before the port opens."""
+    converted without the fallback model is refused in one line before the port opens. --embed-flash /
+    --no-embed-flash reach the worker's spec the same way (None without either: the bundle's default)."""
     result = _serve("--bundle", str(bundle), "--emulate", "--vision-fallback", "--port", "0", timeout=60)
     _one_error(result, "no fallback vision model")
     assert "bound to" not in result.stderr
@@ -268,3 +269,6 @@ def test_vision_fallback_reaches_the_worker_or_fails_before_listening(bundle, tm
     for flags, expected in (([], False), (["--vision-fallback"], True)):
         assert serve.main(["--bundle", str(with_fallback), "--emulate", "--port", "0", *flags]) == 1
         assert specs[-1].vision_fallback is expected
+    for flags, expected in (([], None), (["--embed-flash"], True), (["--no-embed-flash"], False)):
+        assert serve.main(["--bundle", str(with_fallback), "--emulate", "--port", "0", *flags]) == 1
+        assert specs[-1].embed_flash is expected
