@@ -210,8 +210,10 @@ def rknn_sdk_version(rknn_path: Path) -> Optional[str]:
         runtime.release()
 
 
-def versions(bundle: Any, emulate: bool) -> dict[str, Any]:
-    """Every runtime version that decides the numbers, with the toolkits that built the bundle."""
+def versions(bundle: Any, emulate: bool, librknnrt: Optional[str] = None) -> dict[str, Any]:
+    """Every runtime version that decides the numbers, with the toolkits that built the bundle.
+    `librknnrt`: the runtime's report when an open vision encoder already read it
+    (RKNNVisionEncoder.sdk_version); without it the model is loaded into a runtime of its own to ask."""
     from board.bundle import VISION_RKNN
     from board.rkllm_h import RKLLM_VERSION, find_library
 
@@ -226,7 +228,7 @@ def versions(bundle: Any, emulate: bool) -> dict[str, Any]:
     library, _ = find_library([bundle.root])
     # librkllmrt reports no version; the binding loads only a library with the 1.3.0 ABI (board.rkllm_h)
     out["librkllmrt"] = {"path": str(library), "abi": RKLLM_VERSION} if library else None
-    out["librknnrt"] = rknn_sdk_version(bundle.path(VISION_RKNN))
+    out["librknnrt"] = librknnrt or rknn_sdk_version(bundle.path(VISION_RKNN))
     return out
 
 
@@ -374,7 +376,7 @@ def run_bench(bundle_dir: str | Path, *, emulate: bool = False, runs: int = 3, w
                    "vision_layout": bundle.vision_layout, "tile": bundle.split_settings.tile,
                    "tokens_per_tile": bundle.prompt_format.image_seq_len, "max_context": bundle.max_context},
         "runtime": {"vision": described["vision"], "decoder": described["decoder"], "load_ms": described["load_ms"]},
-        "versions": versions(bundle, emulate),
+        "versions": versions(bundle, emulate, described["vision_runtime"]),
         "system": system_info(),
         "workload": {
             "image": str(image) if image else (f"synthetic {photo[0]}x{photo[1]} JPEG (seed 0)" if photo else

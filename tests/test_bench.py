@@ -178,3 +178,18 @@ def test_simulated_npu_needs_emulation(bundle, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--bundle", str(bundle), "--simulate-npu-ms", "100"])
     assert exit_.value.code == 2 and "--simulate-npu-ms needs --emulate" in capsys.readouterr().err
+
+
+def test_versions_take_the_open_encoders_runtime_report_instead_of_loading_the_model_again(bundle, monkeypatch):
+    """On a board the vision encoder has already read librknnrt's version: asking again would load
+    vision.rknn into a second runtime. Without that report the model is loaded to ask."""
+    from board import bench as B
+    from board.bundle import Bundle
+
+    loaded = []
+    monkeypatch.setattr(B, "rknn_sdk_version", lambda path: loaded.append(path) or "asked the runtime")
+    b = Bundle.open(bundle)
+    assert B.versions(b, False, "2.3.2 (from the encoder)")["librknnrt"] == "2.3.2 (from the encoder)"
+    assert loaded == []
+    assert B.versions(b, False)["librknnrt"] == "asked the runtime"
+    assert len(loaded) == 1
