@@ -289,8 +289,6 @@ def chat_loop(pipeline: Any, args: argparse.Namespace, sampling: SamplingParams,
 
 def check_args(args: argparse.Namespace) -> SamplingParams:
     """Everything about the arguments that can be checked before the model loads; the sampling."""
-    if args.max_new_tokens < 1:
-        raise _UsageError("--max-new-tokens must be at least 1")
     try:
         check_tile_budget(args.max_tiles)
     except InputError as err:

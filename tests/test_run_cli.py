@@ -254,6 +254,7 @@ def test_ctrl_c_in_chat_stops_the_answer_then_a_second_exits(bundle):
 
 
 @pytest.mark.parametrize("argv, expected", [
+    (["--max-new-tokens", "0", "hi"], "--max-new-tokens: max_new_tokens must be at least 1, got 0"),
     (["--seed", str(1 << 64), "hi"], "--seed: seed must be a 64-bit integer"),
     (["--temperature", "1e-300", "hi"], "--temperature: temperature must be 0 (greedy) or at least 0.001"),
     (["--temperature", "nan", "hi"], "--temperature: temperature must be 0 (greedy) or at least"),
