@@ -98,7 +98,6 @@ def _complete_utf8_prefix(data: bytes) -> int:
 BIG_CORES: Sequence[int] = (-1,)
 
 
-
 def add_embed_flash_option(parser: "argparse.ArgumentParser") -> None:
     """--embed-flash / --no-embed-flash, one wording for run.py and serve.py: None keeps the bundle's default."""
     parser.add_argument("--embed-flash", action=argparse.BooleanOptionalAction, default=None,
