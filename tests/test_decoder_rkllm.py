@@ -374,33 +374,6 @@ def test_embed_flash_and_log_level_reach_the_runtime(fake, monkeypatch):
 
 
 
-def test_the_pipeline_gives_the_runtime_the_bundles_embed_flash_unless_told_otherwise(fake, bundle, tmp_path,
-                                                                                     monkeypatch):
-    """Pipeline(embed_flash=None) takes the manifest's default (host.convert --embed-flash); True/False
-    (run.py's and serve.py's --embed-flash / --no-embed-flash) override it."""
-    from board import bundle_schema as S
-    from board.bundle import Bundle
-    from board.pipeline import Pipeline
-    from board.vision import VisionEncoder
-
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    (copy / S.DECODER_RKLLM).write_bytes(b"the double only opens it")
-    b = Bundle.open(copy, verify=False)
-    b.manifest[S.Manifest.DECODER][S.Decoder.FILE] = S.DECODER_RKLLM
-    b.manifest[S.Manifest.FILES][S.DECODER_RKLLM] = "unchecked"
-    monkeypatch.setenv("FAKE_RKLLM_HIDDEN", str(b.hidden_size))
-    vision = VisionEncoder(tile=b.split_settings.tile, tokens_per_tile=b.prompt_format.image_seq_len,
-                           hidden_size=b.hidden_size, feed=None)  # never asked to encode here
-    seen = []
-    for recorded in (False, True):
-        b.manifest[S.Manifest.DECODER][S.Decoder.EMBED_FLASH] = recorded
-        for override in (None, True, False):
-            with Pipeline(b, check_system=False, verify=False, vision=vision, embed_flash=override):
-                seen.append((recorded, override, fake.report()["init"]["embed_flash"]))
-    assert seen == [(False, None, 0), (False, True, 1), (False, False, 0),
-                    (True, None, 1), (True, True, 1), (True, False, 0)]
-
 def test_the_last_runs_embeddings_stay_alive_until_the_next_run_or_a_clear(fake):
     with fake.decoder() as dec:
         emb = _emb(5)

@@ -99,6 +99,32 @@ def test_a_chat_continues_the_cache_only_while_it_holds_the_history(bundle, doub
         assert report["runs"][2]["n_tokens"] > report["runs"][0]["n_tokens"]  # turn 3 re-fed turns 1 and 2 too
 
 
+
+def test_the_pipeline_gives_the_runtime_the_bundles_embed_flash_unless_told_otherwise(bundle, double, tmp_path):
+    """Pipeline(embed_flash=None) takes the manifest's default (host.convert --embed-flash); True/False
+    (run.py's and serve.py's --embed-flash / --no-embed-flash) override it. The Pipeline opens the
+    decoder itself here (no emulation), on the C double."""
+    from board.vision import VisionEncoder
+
+    double(bundle, "stream")  # builds the double and points the environment at it
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / S.DECODER_RKLLM).write_bytes(b"the double only opens it")
+    b = Bundle.open(copy, verify=False)
+    b.manifest[S.Manifest.DECODER][S.Decoder.FILE] = S.DECODER_RKLLM
+    b.manifest[S.Manifest.FILES][S.DECODER_RKLLM] = "unchecked"
+    vision = VisionEncoder(tile=b.split_settings.tile, tokens_per_tile=b.prompt_format.image_seq_len,
+                           hidden_size=b.hidden_size, feed=None)  # never asked to encode here
+    seen = []
+    for recorded in (False, True):
+        b.manifest[S.Manifest.DECODER][S.Decoder.EMBED_FLASH] = recorded
+        for override in (None, True, False):
+            with Pipeline(b, check_system=False, verify=False, vision=vision, embed_flash=override):
+                init = json.loads(Path(os.environ["FAKE_RKLLM_REPORT"]).read_text())["init"]
+                seen.append((recorded, override, init["embed_flash"]))
+    assert seen == [(False, None, 0), (False, True, 1), (False, False, 0),
+                    (True, None, 1), (True, True, 1), (True, False, 0)]
+
 def test_the_vision_model_choice():
     V, F, A = S.Vision, S.VisionFallback, S.VisionAccuracy
     section = {V.FILE: "vision.rknn", V.ONNX: "host/vision.onnx", V.DTYPE: "int8", V.LAYOUT: "patches16",
