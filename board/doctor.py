@@ -612,7 +612,7 @@ class Doctor:
             from board.bench import versions
 
             try:
-                out.update(versions(self.bundle, self.emulate, (self.vision_runtime or {}).get("sdk_version")))
+                out.update(versions(self.bundle, self.emulate, self.vision_runtime.get("sdk_version")))
             except Exception as exc:  # noqa: BLE001 - a version report must not hide the checks
                 out["error"] = f"{type(exc).__name__}: {exc}"
         return out

@@ -373,7 +373,6 @@ def test_embed_flash_and_log_level_reach_the_runtime(fake, monkeypatch):
     assert (init["embed_flash"], init["log_level"]) == (1, "1")
 
 
-
 def test_the_last_runs_embeddings_stay_alive_until_the_next_run_or_a_clear(fake):
     with fake.decoder() as dec:
         emb = _emb(5)

@@ -99,7 +99,6 @@ def test_a_chat_continues_the_cache_only_while_it_holds_the_history(bundle, doub
         assert report["runs"][2]["n_tokens"] > report["runs"][0]["n_tokens"]  # turn 3 re-fed turns 1 and 2 too
 
 
-
 def test_the_pipeline_gives_the_runtime_the_bundles_embed_flash_unless_told_otherwise(bundle, double, tmp_path):
     """Pipeline(embed_flash=None) takes the manifest's default (host.convert --embed-flash); True/False
     (run.py's and serve.py's --embed-flash / --no-embed-flash) override it. The Pipeline opens the
@@ -124,6 +123,7 @@ def test_the_pipeline_gives_the_runtime_the_bundles_embed_flash_unless_told_othe
                 seen.append((recorded, override, init["embed_flash"]))
     assert seen == [(False, None, 0), (False, True, 1), (False, False, 0),
                     (True, None, 1), (True, True, 1), (True, False, 0)]
+
 
 def test_the_vision_model_choice():
     V, F, A = S.Vision, S.VisionFallback, S.VisionAccuracy
